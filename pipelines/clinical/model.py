@@ -1,0 +1,110 @@
+"""A causal LM with a classification head: the same backbone (and its adapters) serves the causal-LM
+objective of stage 1 and the classification objective of stage 2."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+
+__all__ = ["ClinicalModel", "classification_loss", "scores_from_logits", "predict_scores", "num_outputs"]
+
+Pooling = Literal["last", "mean"]
+
+
+def num_outputs(task: str, num_classes: int) -> int:
+    """Return the head width: 1 for binary, one per class (multiclass) or label (multilabel)."""
+    return 1 if task == "binary" else num_classes
+
+
+class ClinicalModel(nn.Module):
+    """Backbone ``lm`` (a transformers causal LM) plus a linear ``classifier`` on pooled hidden states.
+
+    Adapters are added to ``lm``'s layers (``model.lm``), so they can be exported on their own against
+    the bare causal LM (HF peft format included). The head is the module named ``classifier``.
+    """
+
+    def __init__(self, lm: Any, outputs: int, pooling: Pooling = "last", seed: int = 0) -> None:
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got '{pooling}'")
+        self.lm = lm
+        self.pooling = pooling
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.classifier = nn.Linear(int(lm.config.hidden_size), outputs)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return pooled last hidden states ``(batch, hidden)``: the last real token's, or the masked mean."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.to(hidden.dtype)
+        if self.pooling == "mean":
+            return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        # Position of the last real token, whichever side the padding is on.
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), positions, -1).max(dim=1).values.clamp_min(0)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return classification logits ``(batch, outputs)``."""
+        pooled = self.features(input_ids, attention_mask)
+        return self.classifier(pooled.to(self.classifier.weight.dtype))
+
+    def lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the mean next-token cross-entropy over real tokens."""
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+    def token_nll(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Return the summed next-token negative log-likelihood of each full block ``(batch,)``."""
+        logits = self.lm(input_ids=input_ids).logits[:, :-1].float()
+        targets = input_ids[:, 1:]
+        nll = functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return nll.sum(dim=1)
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, task: str, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return the loss of a task: BCE (binary, ``weights`` = pos_weight), CE (multiclass, ``weights`` =
+    class weights) or per-label BCE (multilabel, ``weights`` = per-label pos_weight)."""
+    if task == "binary":
+        return functional.binary_cross_entropy_with_logits(logits[:, 0], labels.float(), pos_weight=weights)
+    if task == "multiclass":
+        return functional.cross_entropy(logits, labels.long(), weight=weights)
+    if task == "multilabel":
+        return functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
+    raise ValueError(f"task must be binary, multiclass or multilabel, got '{task}'")
+
+
+def scores_from_logits(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Return scores: the positive probability ``(n,)`` for binary, softmax or sigmoid ``(n, k)``."""
+    if task == "binary":
+        return torch.sigmoid(logits[:, 0])
+    if task == "multiclass":
+        return torch.softmax(logits, dim=-1)
+    return torch.sigmoid(logits)
+
+
+@torch.inference_mode()
+def predict_scores(model: ClinicalModel, loader: Any, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Run the model over a DataLoader of padded batches.
+
+    Returns:
+        ``(y_true, y_score)`` as numpy arrays, scores in float64.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    truths, scores = [], []
+    for batch in loader:
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        scores.append(scores_from_logits(logits.float(), task).cpu().double().numpy())
+        truths.append(batch["labels"].numpy())
+    model.train(was_training)
+    return np.concatenate(truths), np.concatenate(scores)

@@ -1,0 +1,49 @@
+"""Fixtures of the clinical tests: a tiny random Llama with a byte tokenizer, synthetic notes, the mirror."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+MIRROR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mirror(monkeypatch):
+    """Point the data directory at the mirror; skip when it (or $PEFT_PIPELINES_DATA) lacks MTSamples."""
+    root = Path(os.environ["PEFT_PIPELINES_DATA"]) if os.environ.get("PEFT_PIPELINES_DATA") else MIRROR
+    if not (root / "mtsamples" / "mtsamples.csv.gz").is_file():
+        pytest.skip(f"MTSamples is not in the data directory {root}; set PEFT_PIPELINES_DATA to the mirror")
+    monkeypatch.setenv("PEFT_PIPELINES_DATA", str(root))
+    return root
+
+
+WORDS = {
+    1: "chest pain dyspnea echocardiogram ejection fraction coronary stent lung wheeze".split(),
+    0: "knee fracture arthroscopy cataract lens colonoscopy polyp biopsy skin rash".split(),
+}
+
+
+def _synthetic_notes(n: int = 24, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.array([i % 2 for i in range(n)], dtype=np.int64)
+    texts = [" ".join(rng.choice(WORDS[int(y)], size=int(rng.integers(6, 14)))) for y in labels]
+    return [f"n{i}" for i in range(n)], texts, labels
+
+
+@pytest.fixture
+def synthetic_notes():
+    """A function (n, seed) -> (ids, texts, labels) of short fake notes whose words depend on the label."""
+    return _synthetic_notes
