@@ -1,0 +1,42 @@
+"""The core PEFT layer module: adapter specs, injection, stacking, merging and adapter files.
+
+Every domain pipeline adapts its backbone through this module only.
+"""
+
+from __future__ import annotations
+
+from .files import load_adapter, save_adapter
+from .inject import (
+    ParameterCount,
+    adapter_names,
+    adapter_specs,
+    add_adapter,
+    count_parameters,
+    disable_adapters,
+    merge,
+    merge_and_unload,
+    remove_adapter,
+    set_trainable,
+    unmerge,
+)
+from .prompt import extend_attention_mask
+from .specs import (
+    ADAPTER_METHODS,
+    IA3,
+    SSF,
+    AdapterSpec,
+    BitFit,
+    Bottleneck,
+    LoRA,
+    NormTuning,
+    PromptTuning,
+    spec_from_dict,
+    spec_to_dict,
+)
+
+__all__ = [
+    "ADAPTER_METHODS", "IA3", "SSF", "AdapterSpec", "BitFit", "Bottleneck", "LoRA", "NormTuning",
+    "ParameterCount", "PromptTuning", "adapter_names", "adapter_specs", "add_adapter", "count_parameters",
+    "disable_adapters", "extend_attention_mask", "load_adapter", "merge", "merge_and_unload",
+    "remove_adapter", "save_adapter", "set_trainable", "spec_from_dict", "spec_to_dict", "unmerge",
+]  # fmt: skip

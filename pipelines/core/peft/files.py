@@ -1,0 +1,205 @@
+"""Adapter files: safetensors tensors plus `adapter_config.json`, in our native layout or HF peft's.
+
+Native: keys `<module path>.<adapter tensor>` (e.g. `model.layers.0.self_attn.q_proj.lora_A.weight`) and, for
+`extra` head modules, their own state-dict keys; the config records the spec, the exact module paths and
+the head modules, so loading needs no target matching. HF peft (LoRA only): keys
+`base_model.model.<module path>.lora_A.weight` and a LoraConfig JSON. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .inject import _select, adapter_names, adapter_specs, add_adapter, wrappers
+from .specs import LoRA, spec_from_dict, spec_to_dict
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+PICKLES = ("adapter_model.bin", "pytorch_model.bin", ".pt", ".pth", ".ckpt", ".pkl")
+PEFT_PREFIX = "base_model.model."
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    tensors, paths = {}, []
+    for path, wrapper in wrappers(model):
+        if name in wrapper.adapters:
+            adapter = wrapper.adapters[name]
+            if adapter.merged:
+                raise ValueError(f"Adapter {name!r} is merged on {path!r}; unmerge(model) before saving it.")
+            paths.append(path)
+            for key, value in adapter.state_dict().items():
+                tensors[f"{path}.{key}"] = value.detach().contiguous()
+    return tensors, paths
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    name: str | None = None,
+    format: str = "native",
+    extra: list[str] | None = None,
+) -> Path:
+    """Writes adapter `name` (the only one if None) and the `extra` head modules into `directory`."""
+    names = adapter_names(model)
+    if name is None:
+        if len(names) != 1:
+            raise ValueError(f"The model has adapters {names}; name the one to save.")
+        name = names[0]
+    if name not in names:
+        raise ValueError(f"The model has no adapter named {name!r}; it has {names}.")
+    spec = adapter_specs(model)[name]
+    tensors, paths = _adapter_tensors(model, name)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if format == "peft":
+        if extra:
+            raise ValueError("format='peft' saves LoRA weights only; save heads in the native format.")
+        tensors, config = _to_peft(model, spec, name, tensors, paths)
+    elif format == "native":
+        heads = []
+        for item in _select(model, list(extra), "save_adapter extra") if extra else []:
+            heads.append(item.name)
+            for key, value in item.module.state_dict().items():
+                tensors[f"{item.name}.{key}"] = value.detach().contiguous()
+        config = {"format": "peft-pipelines", "name": name, "spec": spec_to_dict(spec), "modules": paths,
+                  "extra_modules": heads}  # fmt: skip
+    else:
+        raise ValueError(f"Unknown adapter format {format!r}; use 'native' or 'peft'.")
+    _atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return directory
+
+
+def _to_peft(model, spec, name, tensors, paths) -> tuple[dict[str, torch.Tensor], dict]:
+    if not isinstance(spec, LoRA):
+        raise ValueError(f"Adapter {name!r} is {spec.method}; the HF peft format is written for LoRA only.")
+    for path, wrapper in wrappers(model):
+        if path in paths:
+            base = wrapper.base_layer
+            if not isinstance(base, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) or (
+                getattr(base, "groups", 1) != 1 or any(d != 1 for d in getattr(base, "dilation", (1,)))
+            ):
+                raise ValueError(
+                    f"HF peft computes LoRA on {path!r} ({type(base).__name__}) differently; "
+                    "export it in the native format."
+                )
+    renamed = {}
+    for key, value in tensors.items():
+        key = key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+        renamed[PEFT_PREFIX + key] = value
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": spec.r, "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout, "target_modules": paths, "use_dora": spec.use_dora,
+        "use_rslora": spec.use_rslora, "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True if spec.init == "default" else spec.init, "modules_to_save": None,
+        "inference_mode": True, "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+    }  # fmt: skip
+    return renamed, config
+
+
+def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Adapter directory {directory} does not exist.")
+    pickles = [p.name for p in directory.iterdir() if p.name.endswith(PICKLES)]
+    if not (directory / WEIGHTS).exists():
+        if pickles:
+            raise ValueError(
+                f"{directory / pickles[0]} is a pickle file, which is never loaded; re-save the adapter "
+                "as safetensors (HF peft: save_pretrained(..., safe_serialization=True))."
+            )
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS}; it is not an adapter directory.")
+    if not (directory / CONFIG).exists():
+        raise FileNotFoundError(f"{directory} has {WEIGHTS} but no {CONFIG}.")
+    return json.loads((directory / CONFIG).read_text()), load_file(str(directory / WEIGHTS))
+
+
+def _from_peft(config: dict, tensors: dict[str, torch.Tensor], directory: Path):
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is not supported; only LORA."
+        )
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ValueError(f"{directory / CONFIG}: per-module {key} is not supported.")
+    init = config.get("init_lora_weights", True)
+    spec = LoRA(
+        r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+        use_dora=bool(config.get("use_dora")), use_rslora=bool(config.get("use_rslora")),
+        init="gaussian" if init == "gaussian" else "default",
+    )  # fmt: skip
+    renamed, paths = {}, []
+    for key, value in tensors.items():
+        key = key.removeprefix(PEFT_PREFIX).replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+        for part in (".lora_A.", ".lora_B.", ".lora_magnitude_vector"):
+            if part in key:
+                path = key.split(part)[0]
+                if path not in paths:
+                    paths.append(path)
+        renamed[key] = value
+    return spec, paths, renamed
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> str:
+    """Adds the adapter saved in `directory` (native or HF peft format) to the model; returns its name."""
+    directory = Path(directory)
+    config, tensors = _read(directory)
+    if config.get("format") == "peft-pipelines":
+        spec, paths, heads = (
+            spec_from_dict(config["spec"]),
+            config["modules"],
+            config.get("extra_modules", []),
+        )
+        name = name or config["name"]
+    else:
+        spec, paths, tensors = _from_peft(config, tensors, directory)
+        heads, name = [], name or "default"
+    exact = [f"re:{re.escape(p)}" for p in paths]
+    add_adapter(model, type(spec)(**{**spec_to_dict(spec), "targets": exact}), name=name)
+    expected = _adapter_tensors(model, name)[0]
+    head_state = {}
+    for item in _select(model, [f"re:{re.escape(h)}" for h in heads], "heads") if heads else []:
+        head_state.update({f"{item.name}.{k}": (item.module, k) for k in item.module.state_dict()})
+    missing = sorted((set(expected) | set(head_state)) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - set(head_state))
+    if missing or unexpected:
+        what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which the model does not"
+        raise ValueError(f"{directory / WEIGHTS} {what}; was it saved from this model?")
+    for key, value in tensors.items():
+        target = expected.get(key)
+        if target is None:
+            module, sub = head_state[key]
+            target = module.state_dict()[sub]
+        if target.shape != value.shape:
+            raise ValueError(
+                f"{directory / WEIGHTS}: tensor {key!r} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(target.shape)}."
+            )
+    for path, wrapper in wrappers(model):
+        if name in wrapper.adapters:
+            adapter = wrapper.adapters[name]
+            adapter.load_state_dict(
+                {key: tensors[f"{path}.{key}"] for key in adapter.state_dict()}, strict=True
+            )
+    for key, (module, sub) in head_state.items():
+        with torch.no_grad():
+            module.state_dict()[sub].copy_(tensors[key])
+    return name

@@ -1,0 +1,198 @@
+"""LoRA (and DoRA) adapters for Linear, Embedding, ConvNd and ConvTranspose1d layers, with their merge rules.
+
+Adapter weights live in float32 and are cast to the activation dtype inside forward, so activations are
+never upcast. On a frozen Linear without dropout, a fused autograd Function adds the low-rank product into
+the base GEMM's output and saves only the input and the rank-r projection for backward; its bf16 copies
+of A and B (with the scale folded in) are cached until the optimiser changes the float32 weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .specs import LoRA
+
+SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d)
+
+
+class _FusedLoRALinear(torch.autograd.Function):
+    """y = x W^T + b + (x A^T)(s B)^T for a frozen W; returns float32 gradients for A and B."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, a_cast, b_scaled, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, weight, bias)
+        u = x2 @ a_cast.t()
+        out.addmm_(u, b_scaled.t())
+        ctx.save_for_backward(x, u, weight, a_cast, b_scaled)
+        ctx.scaling = scaling
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, u, weight, a_cast, b_scaled = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gb = g @ b_scaled
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(gb, a_cast).view(x.shape)
+        grad_a = (gb.t() @ x2).to(ctx.a_dtype)
+        grad_b = (g.t() @ u).to(ctx.b_dtype).mul_(ctx.scaling)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+class LoRAAdapter(nn.Module):
+    """The A and B factors of one LoRA adapter on one layer."""
+
+    kind = "delta"
+    mergeable = True
+
+    def __init__(self, base: nn.Module, spec: LoRA, name: str):
+        super().__init__()
+        self.spec, self.r, self.scaling = spec, spec.r, spec.scaling
+        self.merged = False
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self._cache: tuple | None = None
+        if spec.use_dora and not isinstance(base, nn.Linear):
+            raise ValueError(
+                f"DoRA is supported on Linear layers only, not on {name} ({type(base).__name__})."
+            )
+        groups = getattr(base, "groups", 1)
+        if isinstance(base, nn.Linear):
+            self.lora_A = nn.Linear(base.in_features, spec.r, bias=False)
+            self.lora_B = nn.Linear(spec.r, base.out_features, bias=False)
+        elif isinstance(base, nn.Embedding):
+            self.lora_embedding_A = nn.Parameter(torch.zeros(spec.r, base.num_embeddings))
+            self.lora_embedding_B = nn.Parameter(torch.zeros(base.embedding_dim, spec.r))
+        elif isinstance(base, nn.ConvTranspose1d):
+            if groups != 1:
+                raise ValueError(
+                    f"LoRA on {name}: grouped ConvTranspose1d (groups={groups}) is not supported."
+                )
+            self.lora_A = nn.ConvTranspose1d(
+                base.in_channels, spec.r, base.kernel_size, base.stride, base.padding,
+                base.output_padding, bias=False, dilation=base.dilation,
+            )  # fmt: skip
+            self.lora_B = nn.Conv1d(spec.r, base.out_channels, 1, bias=False)
+        else:  # ConvNd; a grouped conv gets rank r per group
+            conv = type(base)
+            self.lora_A = conv(
+                base.in_channels, spec.r * groups, base.kernel_size, base.stride, base.padding,
+                base.dilation, groups=groups, bias=False, padding_mode=base.padding_mode,
+            )  # fmt: skip
+            self.lora_B = conv(spec.r * groups, base.out_channels, 1, groups=groups, bias=False)
+        self.reset_parameters()
+        if spec.use_dora:
+            with torch.no_grad():
+                norm = self._combined_weight(base).norm(dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm.float())
+
+    def reset_parameters(self) -> None:
+        if hasattr(self, "lora_embedding_A"):  # as HF peft: A zero, B normal, for embeddings
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+            return
+        if self.spec.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    # -- weights ---------------------------------------------------------------------------------
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """The float32 update to the base weight, scale included, in the base weight's layout."""
+        if hasattr(self, "lora_embedding_A"):
+            return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        if isinstance(base, nn.Linear):
+            return b @ a * self.scaling
+        if isinstance(base, nn.ConvTranspose1d):  # weight (in, out, k)
+            return torch.einsum("irk,or->iok", a, b[..., 0]) * self.scaling
+        groups = base.groups
+        a_flat = a.reshape(groups, self.r, -1)
+        b_flat = b.reshape(groups, b.shape[0] // groups, self.r)
+        return torch.bmm(b_flat, a_flat).reshape(base.weight.shape) * self.scaling
+
+    def _combined_weight(self, base: nn.Module) -> torch.Tensor:
+        return base.weight.float() + self.delta_weight(base)
+
+    def merge_into(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            if hasattr(self, "lora_magnitude_vector"):
+                combined = self._combined_weight(base)
+                scale = self.lora_magnitude_vector / combined.norm(dim=1)
+                self._dora_original = base.weight.detach().clone()
+                base.weight.copy_(combined * scale[:, None])
+            else:
+                base.weight.add_(self.delta_weight(base).to(base.weight.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            if hasattr(self, "lora_magnitude_vector"):
+                base.weight.copy_(self._dora_original)
+                del self._dora_original
+            else:
+                base.weight.sub_(self.delta_weight(base).to(base.weight.dtype))
+
+    # -- forward ---------------------------------------------------------------------------------
+    def fusable(self, base: nn.Module, x: torch.Tensor) -> bool:
+        """Whether the fused Linear path applies: frozen base, no dropout or DoRA, no autocast."""
+        return (
+            isinstance(base, nn.Linear)
+            and not hasattr(self, "lora_magnitude_vector")
+            and (self.spec.dropout == 0 or not self.training)
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def _cast_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_A.weight, self.lora_B.weight
+        key = (a._version, b._version, dtype, a.data_ptr(), b.data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, a.to(dtype), (b * self.scaling).to(dtype))
+        return self._cache[1], self._cache[2]
+
+    def fused_forward(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        a_cast, b_scaled = self._cast_weights(x.dtype)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return _FusedLoRALinear.apply(x, base.weight, base.bias, a, b, a_cast, b_scaled, self.scaling)
+
+    def delta(self, base: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The adapter's addition to the base output (DoRA's rescaling of the base output included)."""
+        dtype = base_out.dtype
+        if hasattr(self, "lora_embedding_A"):
+            u = F.embedding(x, self.lora_embedding_A.t().to(dtype), base.padding_idx, base.max_norm,
+                            base.norm_type, base.scale_grad_by_freq, base.sparse)  # fmt: skip
+            return u @ self.lora_embedding_B.t().to(dtype) * self.scaling
+        h = self.dropout(x).to(dtype)
+        if isinstance(base, nn.Linear):
+            lora = F.linear(F.linear(h, self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))
+        else:
+            lora = _conv(self.lora_B, _conv(self.lora_A, h))
+        if not hasattr(self, "lora_magnitude_vector"):
+            return lora * self.scaling
+        with torch.no_grad():
+            norm = self._combined_weight(base).norm(dim=1)
+        scale = (self.lora_magnitude_vector / norm).to(dtype)
+        plain = base_out if base.bias is None else base_out - base.bias.to(dtype)
+        if self.spec.dropout > 0 and self.training:
+            plain = F.linear(h, base.weight.to(dtype))
+        return (scale - 1) * plain + scale * lora * self.scaling
+
+
+def _conv(conv: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Applies a (transposed) convolution with its weight cast to the activation dtype."""
+    weight = conv.weight.to(h.dtype)
+    if isinstance(conv, nn.ConvTranspose1d):
+        return F.conv_transpose1d(
+            h, weight, None, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation
+        )
+    return conv._conv_forward(h, weight, None)

@@ -1,0 +1,152 @@
+"""Adapter specifications: one frozen dataclass per method, usable from Python and from YAML recipes.
+
+Each spec carries a `method` literal, so a recipe schema can put them in a pydantic discriminated union,
+and `extra="forbid"`, so a misspelt option in a recipe is an error rather than a silent default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import ConfigDict
+
+_FORBID = ConfigDict(extra="forbid")
+
+_FEED_FORWARD_OUTPUT = r"re:.*(mlp\.down_proj|(^|\.)fc2|(?<!attention\.)output\.dense)"
+BOTTLENECK_PRESETS = {
+    # After the attention output projection and after the feed-forward output (Houlsby et al. 2019).
+    "houlsby": [
+        r"re:.*(self_attn\.o_proj|self_attn\.out_proj|attn\.proj|attention\.output\.dense)",
+        _FEED_FORWARD_OUTPUT,
+    ],
+    # After the feed-forward output only (Pfeiffer et al. 2021).
+    "pfeiffer": [_FEED_FORWARD_OUTPUT],
+}
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """Low-rank update W + (alpha / r) * B A on Linear, Embedding, Conv1d/2d/3d and ConvTranspose1d layers.
+
+    `use_rslora` scales by alpha / sqrt(r); `use_dora` (Linear only) learns a per-output magnitude;
+    `init="gaussian"` draws A from N(0, 1/r) instead of Kaiming-uniform. B starts at zero either way.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=list)
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: Literal["default", "gaussian"] = "default"
+    method: Literal["lora"] = "lora"
+    __pydantic_config__ = _FORBID
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True)
+class Bottleneck:
+    """A down-projection, activation and zero-initialised up-projection added to a module's output.
+
+    `placement="serial"` feeds the module's output through the adapter (Houlsby, Pfeiffer);
+    `"parallel"` feeds the module's input (AdaptFormer). `hidden` overrides `channels // reduction`.
+    `preset` ("houlsby" or "pfeiffer") adds the usual targets of common transformer families.
+    """
+
+    targets: list[str] = field(default_factory=list)
+    hidden: int | None = None
+    reduction: int = 16
+    placement: Literal["serial", "parallel"] = "serial"
+    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
+    scale: float = 1.0
+    preset: Literal["houlsby", "pfeiffer"] | None = None
+    method: Literal["bottleneck"] = "bottleneck"
+    __pydantic_config__ = _FORBID
+
+
+@dataclass(frozen=True)
+class IA3:
+    """A learned per-channel rescaling of a layer's output, initialised to one (Liu et al. 2022)."""
+
+    targets: list[str] = field(default_factory=list)
+    method: Literal["ia3"] = "ia3"
+    __pydantic_config__ = _FORBID
+
+
+@dataclass(frozen=True)
+class SSF:
+    """Scale and shift of a layer's output features, initialised to identity (Lian et al. 2022)."""
+
+    targets: list[str] = field(default_factory=list)
+    method: Literal["ssf"] = "ssf"
+    __pydantic_config__ = _FORBID
+
+
+@dataclass(frozen=True)
+class BitFit:
+    """Trains a zero-initialised offset to each targeted layer's bias; no targets means every bias."""
+
+    targets: list[str] = field(default_factory=list)
+    method: Literal["bitfit"] = "bitfit"
+    __pydantic_config__ = _FORBID
+
+
+@dataclass(frozen=True)
+class NormTuning:
+    """Trains offsets to norm layers' affine parameters; BatchNorm keeps its own running statistics.
+
+    No targets means every BatchNorm, LayerNorm, GroupNorm and RMSNorm layer.
+    """
+
+    targets: list[str] = field(default_factory=list)
+    method: Literal["norm"] = "norm"
+    __pydantic_config__ = _FORBID
+
+
+@dataclass(frozen=True)
+class PromptTuning:
+    """Learned prompt tokens inserted into a (batch, tokens, channels) output at position `insert_at`.
+
+    Target the token embedding of a language model, or a module after the position embedding of a ViT
+    (visual prompt tuning, `insert_at=1` to keep the class token first). The caller extends any
+    attention mask by `num_tokens` (see `extend_attention_mask`). `channels` is needed only when the
+    target is not a Linear, Embedding, convolution or norm layer (e.g. a ViT's position dropout).
+    """
+
+    num_tokens: int = 10
+    targets: list[str] = field(default_factory=list)
+    insert_at: int = 0
+    channels: int | None = None
+    method: Literal["prompt"] = "prompt"
+    __pydantic_config__ = _FORBID
+
+
+AdapterSpec = LoRA | Bottleneck | IA3 | SSF | BitFit | NormTuning | PromptTuning
+ADAPTER_METHODS: dict[str, type] = {
+    cls.method: cls for cls in (LoRA, Bottleneck, IA3, SSF, BitFit, NormTuning, PromptTuning)
+}
+
+
+def spec_from_dict(data: dict[str, Any]) -> AdapterSpec:
+    """Builds an adapter spec from a dict with a `method` key, checking every option name."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in ADAPTER_METHODS:
+        raise ValueError(f"Unknown adapter method {method!r}; choose one of {sorted(ADAPTER_METHODS)}.")
+    cls = ADAPTER_METHODS[method]
+    known = set(cls.__dataclass_fields__) - {"method"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Adapter method {method!r} has no option {unknown[0]!r}; options: {sorted(known)}.")
+    if "targets" in data:
+        data["targets"] = list(data["targets"])
+    return cls(**data)
+
+
+def spec_to_dict(spec: AdapterSpec) -> dict[str, Any]:
+    """The JSON-safe dict of a spec, `method` included."""
+    return asdict(spec)
