@@ -140,7 +140,9 @@ def _finish(model: Any, tokenizer: Any, name: str, info: dict[str, Any]) -> Back
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out everywhere, so reusing EOS as padding is safe.
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.float().eval()
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()  # GGUF models are already float32 and refuse .float()
+    model = model.eval()
     info = {
         "name": name,
         **info,

@@ -1,8 +1,8 @@
 """Bottleneck adapters: down-projection, activation, zero-initialised up-projection, on the channel dimension.
 
-They work on token tensors (batch, tokens, channels) and on conv feature maps (batch, channels, ...), since the
-projection is applied along the layer's channel dimension. Serial adapters read the layer's output, parallel
-ones its input; both add their result to the output, so the model is unchanged at initialisation.
+They work on token tensors (batch, tokens, channels) and on conv feature maps (batch, channels, ...), since
+the projection is applied along the layer's channel dimension. Serial adapters read the layer's output,
+parallel ones its input; both add their result to the output, so the model is unchanged at initialisation.
 """
 
 from __future__ import annotations

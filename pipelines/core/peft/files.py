@@ -102,6 +102,7 @@ def _to_peft(model, spec, name, tensors, paths) -> tuple[dict[str, torch.Tensor]
                     f"HF peft computes LoRA on {path!r} ({type(base).__name__}) differently; "
                     "export it in the native format."
                 )
+    model_config = getattr(model, "config", None)
     renamed = {}
     for key, value in tensors.items():
         key = key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")
@@ -111,7 +112,7 @@ def _to_peft(model, spec, name, tensors, paths) -> tuple[dict[str, torch.Tensor]
         "lora_dropout": spec.dropout, "target_modules": paths, "use_dora": spec.use_dora,
         "use_rslora": spec.use_rslora, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True if spec.init == "default" else spec.init, "modules_to_save": None,
-        "inference_mode": True, "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "inference_mode": True, "base_model_name_or_path": getattr(model_config, "_name_or_path", None),
     }  # fmt: skip
     return renamed, config
 

@@ -50,7 +50,7 @@ def logical_modules(model: nn.Module) -> Iterator[LogicalModule]:
 
 
 def matches(target: str, name: str, module: nn.Module) -> bool:
-    """A target is a name suffix ("q_proj"), a dotted path, "re:<regex>" (full match) or "type:<class name>"."""
+    """A target is a name suffix ("q_proj"), a dotted path, "re:<regex>" (full match) or "type:<class>"."""
     if target.startswith("re:"):
         return re.fullmatch(target[3:], name) is not None
     if target.startswith("type:"):
