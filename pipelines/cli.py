@@ -1,0 +1,362 @@
+"""The ``peft-pipelines`` command: run, validate, list, evaluate, export, cp, demo.
+
+Shipped recipes live in ``<repository>/recipes/<domain>/*.yaml`` beside the package (which is installed
+editable); ``run``, ``validate`` and ``cp`` accept a file path or a shipped name such as
+``imaging/pneumoniamnist_dinov2s_lora``. Errors print one line on stderr and exit non-zero;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PROG = "peft-pipelines"
+_KINDS = ("pipelines", "recipes", "datasets")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.core.runner import run_recipe
+
+    run_dir = run_recipe(args.recipe, args.overrides, resume=args.resume, output_dir=args.output_dir)
+    print(f"run directory: {run_dir}")
+    report = run_dir / "report.json"
+    if report.is_file():
+        headline = json.loads(report.read_text(encoding="utf-8")).get("headline", {})
+        if headline:
+            print(
+                f"{headline.get('metric')} ({headline.get('model')}): {headline.get('value')} "
+                f"[{headline.get('low')}, {headline.get('high')}]; full report: {run_dir / 'report.md'}"
+            )
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pipelines.core.recipe import validate_recipe_file
+
+    invalid = 0
+    for recipe in args.recipes:
+        errors = validate_recipe_file(recipe, args.overrides)
+        if errors:
+            invalid += 1
+            print(f"{recipe}: {len(errors)} error{'s' * (len(errors) != 1)}")
+            for error in errors:
+                print(f"  {error}")
+        else:
+            print(f"{recipe}: ok")
+    return 2 if invalid else 0
+
+
+def _recipe_description(path: Path) -> str:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return "(invalid YAML)"
+    return str(data.get("description", "")) if isinstance(data, dict) else ""
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    kinds, pattern = list(_KINDS), args.pattern or "*"
+    if args.what in _KINDS:
+        kinds = [args.what]
+    elif args.what is not None:  # `list imaging/*` means a pattern over everything
+        if args.pattern is not None:
+            raise ValueError(f"'{args.what}' is not one of {', '.join(_KINDS)}; use `list KIND PATTERN`")
+        pattern = args.what
+    for kind in kinds:
+        if len(kinds) > 1:
+            print(f"{kind}:")
+        rows = {"pipelines": _pipeline_rows, "recipes": _recipe_rows, "datasets": _dataset_rows}[kind]
+        for line in rows(pattern, args) or ["(none)"]:
+            print(f"  {line}" if len(kinds) > 1 else line)
+    return 0
+
+
+def _pipeline_rows(pattern: str, args: argparse.Namespace) -> list[str]:
+    from pipelines.core.registry import describe_pipelines, import_domains
+
+    failed = import_domains()
+    rows = [f"{entry.name:32s} {entry.description}" for entry in describe_pipelines(pattern)]
+    rows += [f"({domain}: unavailable: {error})" for domain, error in sorted(failed.items())]
+    return rows
+
+
+def _recipe_rows(pattern: str, args: argparse.Namespace) -> list[str]:
+    from pipelines.core.recipe import list_recipes, recipes_dir
+
+    return [
+        f"{name:44s} {_recipe_description(recipes_dir() / f'{name}.yaml')}" for name in list_recipes(pattern)
+    ]
+
+
+def _dataset_rows(pattern: str, args: argparse.Namespace) -> list[str]:
+    import importlib
+
+    from pipelines.core.data import data_dir, get_dataset, list_datasets, verify_dataset
+    from pipelines.core.registry import DOMAINS, import_domains
+
+    import_domains()
+    for prefix in DOMAINS:  # datasets register in each domain's data module
+        try:
+            importlib.import_module(f"pipelines.{prefix}.data")
+        except ImportError:
+            pass
+    rows = []
+    for name in list_datasets(pattern):
+        info = get_dataset(name)
+        if args.verify:
+            status = "ok" if not verify_dataset(name) else "missing or corrupt"
+        else:
+            parts = [*info.files, *info.folders]
+            status = "present" if all((data_dir() / p).exists() for p in parts) else "missing"
+        rows.append(f"{name:28s} {status:18s} {info.license:12s} {info.description}")
+    return rows
+
+
+def _read_predictions(path: Path) -> tuple[Any, Any]:
+    import numpy as np
+
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = {"y_true", "y_score"} - set(arrays.files)
+            if missing:
+                raise ValueError(f"{path} has no array {sorted(missing)[0]!r}; save y_true and y_score")
+            return arrays["y_true"], arrays["y_score"]
+    import pandas
+
+    table = pandas.read_csv(path)
+
+    def columns(prefix: str) -> Any:
+        if prefix in table.columns:
+            return table[prefix].to_numpy()
+        numbered = sorted(
+            (c for c in table.columns if c.startswith(f"{prefix}_")), key=lambda c: int(c.split("_")[-1])
+        )
+        if not numbered:
+            raise ValueError(f"{path} has no column {prefix!r} (nor {prefix}_0, {prefix}_1, ...)")
+        return table[numbered].to_numpy()
+
+    return columns("y_true"), columns("y_score")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.core.evaluation import evaluate
+
+    y_true, y_score = _read_predictions(Path(args.predictions))
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    report = evaluate(args.task, y_true, y_score, metrics=metrics, bootstrap=args.bootstrap, seed=args.seed)
+    names = metrics or list(report.keys() if hasattr(report, "keys") else report.metrics)
+    table = {name: report[name] for name in names}
+    print(f"{'metric':20s} {'value':>10s}  95% interval")
+    for name, result in table.items():
+        interval = f"[{result.low:.4f}, {result.high:.4f}]" if result.low is not None else ""
+        print(f"{name:20s} {result.value:10.4f}  {interval}")
+    if args.out:
+        payload = {
+            "predictions": str(args.predictions),
+            "task": args.task,
+            "n": int(len(y_true)),
+            "bootstrap": args.bootstrap,
+            "results": {n: {"value": r.value, "low": r.low, "high": r.high} for n, r in table.items()},
+        }
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _saved_format(folder: Path) -> str:
+    return "peft" if (folder / "adapter_config.json").is_file() else "native"
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    adapters = Path(args.run_dir) / "adapters"
+    folders = sorted(p for p in adapters.glob("*") if p.is_dir()) if adapters.is_dir() else []
+    if args.adapter:
+        folders = [p for p in folders if p.name in args.adapter]
+    if not folders:
+        raise FileNotFoundError(
+            f"no adapters in {adapters}{' named ' + ', '.join(args.adapter) if args.adapter else ''}"
+        )
+    out = Path(args.out)
+    for folder in folders:
+        target = out / folder.name
+        if target.exists() and not args.force:
+            raise FileExistsError(f"{target} exists; choose another --out or pass --force")
+        if _saved_format(folder) == args.format:
+            shutil.copytree(folder, target, dirs_exist_ok=True)
+        else:
+            try:
+                from pipelines.core.peft import convert_adapter
+            except ImportError:
+                raise ValueError(
+                    f"adapter {folder} is saved as {_saved_format(folder)} and cannot be converted without "
+                    f"its model; export with --format {_saved_format(folder)}"
+                ) from None
+            convert_adapter(folder, target, format=args.format)
+        print(f"{folder.name}: {target} ({args.format})")
+    return 0
+
+
+def _cmd_cp(args: argparse.Namespace) -> int:
+    from pipelines.core.recipe import find_recipe
+
+    source = find_recipe(args.recipe)
+    dest = Path(args.dest) if args.dest else Path.cwd()
+    if dest.is_dir() or args.dest is None or str(args.dest).endswith(("/", "\\")):
+        dest = dest / source.name
+    if dest.exists() and not args.force:
+        raise FileExistsError(f"{dest} exists; pass --force to overwrite it or choose another destination")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+    print(f"copied {source} to {dest}; edit it, then `{PROG} run {dest}`")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.core.runner import run_demo
+
+    index, failures = run_demo(args.domain, output_dir=args.output_dir)
+    print(f"demo index: {index}")
+    for domain, message in failures.items():
+        print(f"{domain}: {message}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``peft-pipelines`` command."""
+    from pipelines import __version__
+
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    parser = argparse.ArgumentParser(prog=PROG, description="Parameter-efficient fine-tuning pipelines.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[debug], help="run a recipe", description="Run a recipe.")
+    run.add_argument("recipe", help="a recipe file or shipped name, e.g. imaging/pneumoniamnist_dinov2s_lora")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. stages.0.train.lr=1e-4")
+    run.add_argument("--resume", action="store_true", help="continue the newest run of this recipe")
+    run.add_argument("--output-dir", help="folder for run directories (replaces the recipe's output_dir)")
+    run.set_defaults(handler=_cmd_run)
+
+    validate = commands.add_parser(
+        "validate", parents=[debug], help="check recipes", description="Print every error of each recipe."
+    )
+    validate.add_argument("recipes", nargs="+", metavar="RECIPE")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.set_defaults(handler=_cmd_validate)
+
+    listing = commands.add_parser(
+        "list",
+        parents=[debug],
+        help="list pipelines, recipes or datasets",
+        description="List what is available.",
+    )
+    listing.add_argument("what", nargs="?", metavar="{pipelines,recipes,datasets}", help="default: all three")
+    listing.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'imaging/*'")
+    listing.add_argument("--verify", action="store_true", help="check dataset checksums (slower)")
+    listing.set_defaults(handler=_cmd_list)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        parents=[debug],
+        help="score a predictions file",
+        description="Compute metrics with bootstrap intervals from a CSV (columns y_true, y_score, or "
+        "y_score_0.. for class scores) or an NPZ (arrays y_true, y_score).",
+    )
+    evaluate.add_argument("predictions", help="CSV or NPZ file")
+    evaluate.add_argument(
+        "--task", required=True, choices=["binary", "multiclass", "multilabel", "regression"]
+    )
+    evaluate.add_argument("--metrics", help="comma-separated names (default: the task's metrics)")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", help="write the results as JSON here")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    export = commands.add_parser(
+        "export",
+        parents=[debug],
+        help="export a run's adapters",
+        description="Copy or convert adapters/<name>/.",
+    )
+    export.add_argument("run_dir")
+    export.add_argument("--format", choices=["peft", "native"], default="native")
+    export.add_argument("--out", required=True, help="destination folder (one subfolder per adapter)")
+    export.add_argument("--adapter", action="append", help="only this adapter (repeatable)")
+    export.add_argument("--force", action="store_true", help="overwrite existing files")
+    export.set_defaults(handler=_cmd_export)
+
+    copy = commands.add_parser(
+        "cp", parents=[debug], help="copy a shipped recipe", description="Copy a shipped recipe to edit it."
+    )
+    copy.add_argument("recipe", help="shipped name, e.g. imaging/pneumoniamnist_dinov2s_lora")
+    copy.add_argument("dest", nargs="?", help="file or folder (default: the current folder)")
+    copy.add_argument("--force", action="store_true", help="overwrite an existing file")
+    copy.set_defaults(handler=_cmd_cp)
+
+    demo = commands.add_parser(
+        "demo", parents=[debug], help="run the demo recipes", description="Run each domain's demo recipe."
+    )
+    demo.add_argument("--domain", action="append", help="only this domain (repeatable)")
+    demo.add_argument("--output-dir", default="runs")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    import pydantic
+
+    from pipelines.core.recipe_yaml import RecipeValidationError
+
+    if isinstance(error, RecipeValidationError):
+        lines = [f"recipe {error.source} is invalid:" if error.source else "recipe is invalid:"]
+        return "\n".join(lines + [f"  {e.format(show_file=e.file != error.source)}" for e in error.errors])
+    if isinstance(error, pydantic.ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        return f"{where}: {first['msg']}{more}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _handled() -> tuple[type[BaseException], ...]:
+    import pydantic
+
+    from pipelines.core.data import DataError
+    from pipelines.core.registry import RegistryError
+    from pipelines.core.runner import RunError
+
+    return (DataError, RegistryError, RunError, OSError, ValueError, pydantic.ValidationError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 error, 2 invalid recipe or usage, 130 ^C)."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if args.command in ("run", "demo"):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        again = (
+            f"{PROG} run {args.recipe} --resume" if args.command == "run" else f"{PROG} run RECIPE --resume"
+        )
+        print(f"{PROG}: interrupted; continue from the last checkpoint with `{again}`", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug or not isinstance(error, _handled()):
+            raise
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2 if type(error).__name__ == "RecipeValidationError" else 1

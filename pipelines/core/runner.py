@@ -1,0 +1,273 @@
+"""Run a recipe end to end (seed, run directory, pipeline, report) and index the demo runs.
+
+A run lives in ``<output_dir>/<recipe name>/<timestamp>/`` and holds the resolved ``recipe.yaml``,
+whatever the pipeline writes (checkpoints, ``metrics.jsonl``, ``adapters/<name>/``) and the report
+(``report.json``, ``report.md``, plots). Only the main process (rank 0) writes the run's own files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipelines.core.recipe import (
+    Recipe,
+    apply_overrides,
+    check_pipeline,
+    find_recipe,
+    load_recipe,
+    save_recipe,
+)
+from pipelines.core.recipe_yaml import RecipeValidationError
+
+__all__ = ["DEMO_RECIPES", "RunError", "run_recipe", "run_demo", "seed_everything", "write_demo_index"]
+
+logger = logging.getLogger(__name__)
+
+# domain -> the shipped recipe `peft-pipelines demo` runs (offline, minutes); the speech pipeline trains
+# and caches its multi-speaker base model itself when it is absent.
+DEMO_RECIPES: dict[str, str] = {
+    "imaging": "imaging/pneumoniamnist_dinov2s_lora",
+    "clinical": "clinical/mtsamples_cardio_two_stage",
+    "protein": "protein/gb1_lora",
+    "speech": "speech/fsdd_speaker_adapter",
+}
+# metrics where smaller is better; every other metric is taken as larger-is-better
+LOWER_IS_BETTER = frozenset({"loss", "mse", "rmse", "mae", "perplexity", "mcd", "ece", "brier", "wer", "cer"})
+_TIMESTAMP = "%Y%m%d-%H%M%S"
+
+
+class RunError(RuntimeError):
+    """A run cannot start or resume (e.g. ``--resume`` with no earlier run)."""
+
+
+def _is_main_process() -> bool:
+    try:
+        from pipelines.core.distributed import is_main_process
+    except ImportError:
+        return int(os.environ.get("RANK", "0")) == 0
+    return is_main_process()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (all devices)."""
+    random.seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+def _choose_run_dir(root: Path, resume: bool) -> Path:
+    if resume:
+        earlier = sorted(p for p in root.glob("*") if (p / "recipe.yaml").is_file()) if root.is_dir() else []
+        if not earlier:
+            raise RunError(f"there is no earlier run in {root} to resume; run the recipe without --resume")
+        return earlier[-1]
+    stamp = datetime.datetime.now().strftime(_TIMESTAMP)
+    run_dir, suffix = root / stamp, 1
+    while run_dir.exists():  # two runs started within one second
+        run_dir, suffix = root / f"{stamp}-{suffix}", suffix + 1
+    return run_dir
+
+
+def _shared_run_dir(root: Path, resume: bool) -> Path:
+    """Pick the run directory on rank 0 and give every process the same one."""
+    try:
+        from pipelines.core import distributed
+    except ImportError:
+        return _choose_run_dir(root, resume)
+    distributed.setup_distributed()
+    run_dir = _choose_run_dir(root, resume) if distributed.is_main_process() else None
+    return Path(distributed.broadcast_from_main(run_dir) if distributed.is_distributed() else run_dir)
+
+
+def _resolve(recipe: Recipe | str | Path, overrides: Sequence[str]) -> Recipe:
+    if not isinstance(recipe, Recipe):
+        return load_recipe(recipe, overrides)
+    if overrides:
+        source = recipe.source
+        recipe = Recipe.model_validate(apply_overrides(recipe.model_dump(mode="json"), overrides, Recipe))
+        recipe._source = source
+    errors = check_pipeline(recipe)
+    if errors:
+        raise RecipeValidationError(errors, str(recipe.source or recipe.name))
+    return recipe
+
+
+def run_recipe(
+    recipe: Recipe | str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    output_dir: str | Path | None = None,
+) -> Path:
+    """Run a recipe: validate, seed, make the run directory, run the pipeline, write the report.
+
+    Args:
+        recipe: A Recipe, a recipe file or a shipped recipe name (``imaging/pneumoniamnist_dinov2s_lora``).
+        overrides: ``dotted.key=value`` items, e.g. ``["stages.0.train.lr=1e-4"]``.
+        resume: Continue the newest run of this recipe from its checkpoints.
+        output_dir: Replaces the recipe's ``output_dir``.
+
+    Returns:
+        The run directory.
+    """
+    from pipelines.core.registry import get_pipeline_class
+
+    recipe = _resolve(recipe, overrides)
+    if output_dir is not None:
+        recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
+    seed_everything(recipe.seed)
+    run_dir = _shared_run_dir(Path(recipe.output_dir) / recipe.name, resume)
+    if _is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        previous = run_dir / "recipe.yaml"
+        if resume and previous.is_file():
+            from pipelines.core.recipe_yaml import parse_yaml
+
+            if parse_yaml(previous.read_text(encoding="utf-8"))[0] != recipe.model_dump(mode="json"):
+                previous.replace(run_dir / "recipe.previous.yaml")
+                logger.warning(
+                    "the recipe changed since the run started; the old one is recipe.previous.yaml"
+                )
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    logger.info("run directory: %s", run_dir)
+    pipeline = get_pipeline_class(recipe.pipeline).from_recipe(recipe)
+    result = pipeline.run(run_dir, resume=resume)
+    if _is_main_process():
+        from pipelines.core.evaluation import write_report
+
+        write_report(run_dir, result)
+    return run_dir
+
+
+def run_demo(
+    domains: Sequence[str] | None = None, output_dir: str | Path = "runs"
+) -> tuple[Path, dict[str, str]]:
+    """Run the demo recipe of each domain that ships one, then write ``<output_dir>/demo/index.md``.
+
+    A failing domain does not stop the others; its error goes into the index.
+
+    Returns:
+        The index path and ``{domain: error message}`` for the domains that failed.
+    """
+    from pipelines.core.recipe import recipes_dir
+
+    chosen = list(DEMO_RECIPES) if not domains else list(domains)
+    unknown = [d for d in chosen if d not in DEMO_RECIPES]
+    if unknown:
+        raise ValueError(f"no demo for domain {unknown[0]!r}; choose from {', '.join(DEMO_RECIPES)}")
+    runs: list[Path] = []
+    failures: dict[str, str] = {}
+    for domain in chosen:
+        recipe_file = recipes_dir() / f"{DEMO_RECIPES[domain]}.yaml"
+        if not recipe_file.is_file():
+            failures[domain] = f"its demo recipe {recipe_file} is not in this checkout"
+            continue
+        try:
+            runs.append(run_recipe(find_recipe(recipe_file), output_dir=output_dir))
+        except Exception as error:  # noqa: BLE001 - one domain's failure is reported, the rest still run
+            logger.exception("demo %s failed", domain)
+            failures[domain] = f"{type(error).__name__}: {error}".splitlines()[0]
+    index = write_demo_index(runs, Path(output_dir) / "demo" / "index.md", failures=failures)
+    return index, failures
+
+
+def _number(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def _interval(entry: Mapping[str, Any]) -> str:
+    text = _number(entry.get("value"))
+    if entry.get("low") is not None and entry.get("high") is not None:
+        text += f" [{_number(entry['low'])}, {_number(entry['high'])}]"
+    return text
+
+
+def _duration(seconds: Any) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _comparison(report: Mapping[str, Any]) -> str:
+    """'beat linear_probe (0.912)' or 'lost to full_finetune (0.951)': the strongest other model."""
+    headline = report["headline"]
+    metric, model, value = headline["metric"], headline["model"], headline.get("value")
+    others = {
+        name: metrics[metric]["value"]
+        for name, metrics in report.get("results", {}).items()
+        if name != model and metric in metrics and metrics[metric].get("value") is not None
+    }
+    others = {name: v for name, v in others.items() if not (isinstance(v, float) and math.isnan(v))}
+    if not others or value is None:
+        return "no baseline"
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    best = max(others, key=lambda name: sign * others[name])
+    verb = "beat" if sign * value > sign * others[best] else "tied" if value == others[best] else "lost to"
+    return f"{verb} {best} ({_number(others[best])})"
+
+
+def _row(run_dir: Path, index_dir: Path) -> list[str]:
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    headline = report["headline"]
+    parameters = report.get("parameters", {}).get(headline["model"], {})
+    fraction = parameters.get("fraction")
+    link = Path(os.path.relpath(run_dir / "report.md", index_dir)).as_posix()
+    return [
+        report["pipeline"].split("/")[0],
+        report["name"],
+        f"{headline['metric']} {_interval(headline)} ({headline['model']})",
+        _comparison(report),
+        "n/a" if fraction is None else f"{100 * fraction:.3g}%",
+        _duration(report.get("cost", {}).get("wall_time_s")),
+        f"[report.md]({link})",
+    ]
+
+
+def write_demo_index(
+    runs: Sequence[Path], path: str | Path, failures: Mapping[str, str] | None = None
+) -> Path:
+    """Write a markdown table with one row per run (domain, headline, baseline, cost, link).
+
+    Args:
+        runs: Run directories, each holding a ``report.json``.
+        path: The index file, usually ``runs/demo/index.md``; links are relative to it.
+        failures: ``{domain: message}`` for demos that did not finish, listed under the table.
+
+    Returns:
+        The index path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ["domain", "recipe", "headline (95% CI)", "against the best baseline", "trainable", "wall time"]
+    lines = [
+        "# peft-pipelines demo",
+        "",
+        f"| {' | '.join([*header, 'report'])} |",
+        f"|{'---|' * (len(header) + 1)}",
+    ]
+    rows = sorted(_row(Path(run), path.parent.resolve()) for run in runs)
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    if failures:
+        lines += ["", "Not run or failed:", ""]
+        lines += [f"- {domain}: {message}" for domain, message in sorted(failures.items())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
