@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from pydantic import ConfigDict
-
-_FORBID = ConfigDict(extra="forbid")
+# pydantic reads this (a plain dict is a valid ConfigDict); the module itself does not need pydantic.
+_FORBID = {"extra": "forbid"}
 
 _FEED_FORWARD_OUTPUT = r"re:.*(mlp\.down_proj|(^|\.)fc2|(?<!attention\.)output\.dense)"
 BOTTLENECK_PRESETS = {
