@@ -1,0 +1,3 @@
+"""Medical imaging pipelines: ViT and CNN adapters on MONAI data."""
+
+from __future__ import annotations
