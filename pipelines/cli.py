@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -153,11 +154,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     y_true, y_score = _read_predictions(Path(args.predictions))
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     report = evaluate(args.task, y_true, y_score, metrics=metrics, bootstrap=args.bootstrap, seed=args.seed)
-    names = metrics or list(report.keys() if hasattr(report, "keys") else report.metrics)
+    names = metrics or list(report)
     table = {name: report[name] for name in names}
     print(f"{'metric':20s} {'value':>10s}  95% interval")
     for name, result in table.items():
-        interval = f"[{result.low:.4f}, {result.high:.4f}]" if result.low is not None else ""
+        interval = "" if math.isnan(result.low) else f"[{result.low:.4f}, {result.high:.4f}]"
         print(f"{name:20s} {result.value:10.4f}  {interval}")
     if args.out:
         payload = {
@@ -165,7 +166,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "task": args.task,
             "n": int(len(y_true)),
             "bootstrap": args.bootstrap,
-            "results": {n: {"value": r.value, "low": r.low, "high": r.high} for n, r in table.items()},
+            "results": {
+                n: {k: None if math.isnan(v) else v for k, v in r.to_dict().items()} for n, r in table.items()
+            },
         }
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")

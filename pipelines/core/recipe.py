@@ -284,6 +284,7 @@ def check_pipeline(
                 f"pipeline {entry.name} has no baseline '{baseline}' (has: {', '.join(baselines) or 'none'})"
             )
             errors.append(error(["compare", str(index)], message, baselines, baseline))
+    errors += _metric_errors(recipe, error)
     dataset = recipe.data.dataset
     known = getattr(entry.cls, "DATASETS", None) or list_datasets()
     if "/" not in dataset and "." not in dataset and dataset not in known:
@@ -302,6 +303,32 @@ def _pipeline_name_errors(name: str, node: yaml.Node | None, file: str) -> list[
     except RegistryError as problem:
         return [RecipeError("pipeline", str(problem), None, line_of(node, ["pipeline"]), file)]
     return []
+
+
+def _metric_errors(recipe: Recipe, error: Any) -> list[RecipeError]:
+    """Check the task and metric names against the evaluation registry (domains add theirs on import)."""
+    from pipelines.core.evaluation import get_metric, list_metrics
+    from pipelines.core.evaluation.registry import known_tasks
+
+    errors = []
+    task, tasks = recipe.data.task, known_tasks()
+    if task is not None and task not in tasks:
+        errors.append(
+            error(["data", "task"], f"unknown task '{task}' (tasks: {', '.join(tasks)})", tasks, task)
+        )
+    names = list_metrics()
+    evaluation = recipe.evaluation
+    checked = [(["evaluation", "metrics", str(i)], m) for i, m in enumerate(evaluation.metrics)]
+    if evaluation.headline and not evaluation.metrics:
+        checked.append((["evaluation", "headline"], evaluation.headline))
+    for parts, metric in checked:
+        if metric not in names:
+            errors.append(
+                error(parts, f"unknown metric '{metric}' (see pipelines.core.evaluation)", names, metric)
+            )
+        elif task in tasks and task is not None and task not in get_metric(metric).tasks:
+            errors.append(error(parts, f"metric '{metric}' does not apply to task '{task}'"))
+    return errors
 
 
 def _load(

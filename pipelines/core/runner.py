@@ -39,7 +39,7 @@ DEMO_RECIPES: dict[str, str] = {
     "protein": "protein/gb1_lora",
     "speech": "speech/fsdd_speaker_adapter",
 }
-# metrics where smaller is better; every other metric is taken as larger-is-better
+# metrics where smaller is better, for metrics the evaluation registry does not know in this process
 LOWER_IS_BETTER = frozenset({"loss", "mse", "rmse", "mae", "perplexity", "mcd", "ece", "brier", "wer", "cer"})
 _TIMESTAMP = "%Y%m%d-%H%M%S"
 
@@ -207,6 +207,15 @@ def _duration(seconds: Any) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def _greater_is_better(metric: str) -> bool:
+    try:
+        from pipelines.core.evaluation import get_metric
+
+        return get_metric(metric).greater_is_better
+    except (ImportError, ValueError):  # a domain metric whose domain is not imported here
+        return metric not in LOWER_IS_BETTER
+
+
 def _comparison(report: Mapping[str, Any]) -> str:
     """'beat linear_probe (0.912)' or 'lost to full_finetune (0.951)': the strongest other model."""
     headline = report["headline"]
@@ -219,7 +228,7 @@ def _comparison(report: Mapping[str, Any]) -> str:
     others = {name: v for name, v in others.items() if not (isinstance(v, float) and math.isnan(v))}
     if not others or value is None:
         return "no baseline"
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    sign = 1.0 if _greater_is_better(metric) else -1.0
     best = max(others, key=lambda name: sign * others[name])
     verb = "beat" if sign * value > sign * others[best] else "tied" if value == others[best] else "lost to"
     return f"{verb} {best} ({_number(others[best])})"
