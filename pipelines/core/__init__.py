@@ -1,0 +1,1 @@
+"""Domain-neutral core: adapters, training, evaluation, recipes and data."""
