@@ -13,8 +13,20 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .specs import LoRA
+
+# Fused optimisers (AdamW(fused=True)) update parameters without bumping their version counters, so the
+# cast cache also keys on a count of optimiser steps.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d)
 
@@ -154,7 +166,9 @@ class LoRAAdapter(nn.Module):
 
     def _cast_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.lora_A.weight, self.lora_B.weight
-        key = (a._version, b._version, dtype, a.data_ptr(), b.data_ptr())
+        # Copies made under inference_mode cannot be saved for backward, so they are cached apart.
+        key = (a._version, b._version, dtype, a.data_ptr(), b.data_ptr(), _OPTIMIZER_STEPS[0],
+               torch.is_inference_mode_enabled())  # fmt: skip
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, a.to(dtype), (b * self.scaling).to(dtype))
