@@ -107,6 +107,12 @@ def _build(spec: AdapterSpec, module: nn.Module, name: str) -> nn.Module:
     return ChannelAffine(module, spec.method, name)
 
 
+def _must_be_first(adapter: nn.Module) -> bool:
+    # Norm tuning replaces the layer's computation and DoRA rescales by the base weight's norm; after
+    # another adapter on the same layer, neither would compose in order, so merging would change outputs.
+    return adapter.kind == "forward" or hasattr(adapter, "lora_magnitude_vector")
+
+
 def adapter_specs(model: nn.Module) -> dict[str, AdapterSpec]:
     """The specs of the model's adapters, by name, in the order they were added."""
     return model.__dict__.setdefault("_peft_adapter_specs", {})
@@ -145,6 +151,14 @@ def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default") -> n
     built = [
         (item, _build(spec, item.module, item.name)) for item in selected
     ]  # fail before changing anything
+    for item, adapter in built:
+        if item.wrapper is not None and len(item.wrapper.adapters) and _must_be_first(adapter):
+            what = "DoRA" if getattr(spec, "use_dora", False) else spec.method
+            existing = next(iter(item.wrapper.adapters))
+            raise ValueError(
+                f"The {what} adapter {name!r} recomputes {item.name!r} from its base weights, so it must be "
+                f"the first adapter there, but {item.name!r} already has {existing!r}."
+            )
     adapter_ids = {id(p) for _, w in wrappers(model) for p in w.adapters.parameters()}
     for parameter in model.parameters():
         if id(parameter) not in adapter_ids:
