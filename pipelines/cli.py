@@ -176,7 +176,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _saved_format(folder: Path) -> str:
-    return "peft" if (folder / "adapter_config.json").is_file() else "native"
+    """'native' or 'peft': both layouts have adapter_config.json; ours says format: peft-pipelines."""
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} has no adapter_config.json; it is not a saved adapter")
+    return (
+        "native"
+        if json.loads(config.read_text(encoding="utf-8")).get("format") == "peft-pipelines"
+        else "peft"
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
