@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .inject import _select, adapter_names, adapter_specs, add_adapter, wrappers
+from .inject import _select, adapter_names, adapter_specs, add_adapter, remove_adapter, wrappers
 from .specs import LoRA, spec_from_dict, spec_to_dict
 
 WEIGHTS = "adapter_model.safetensors"
@@ -159,22 +159,9 @@ def _from_peft(config: dict, tensors: dict[str, torch.Tensor], directory: Path):
     return spec, paths, renamed
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> str:
-    """Adds the adapter saved in `directory` (native or HF peft format) to the model; returns its name."""
-    directory = Path(directory)
-    config, tensors = _read(directory)
-    if config.get("format") == "peft-pipelines":
-        spec, paths, heads = (
-            spec_from_dict(config["spec"]),
-            config["modules"],
-            config.get("extra_modules", []),
-        )
-        name = name or config["name"]
-    else:
-        spec, paths, tensors = _from_peft(config, tensors, directory)
-        heads, name = [], name or "default"
-    exact = [f"re:{re.escape(p)}" for p in paths]
-    add_adapter(model, type(spec)(**{**spec_to_dict(spec), "targets": exact}), name=name)
+def _check_tensors(
+    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], heads: list[str], directory: Path
+) -> tuple[dict, dict]:
     expected = _adapter_tensors(model, name)[0]
     head_state = {}
     for item in _select(model, [f"re:{re.escape(h)}" for h in heads], "heads") if heads else []:
@@ -194,6 +181,33 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
                 f"{directory / WEIGHTS}: tensor {key!r} has shape {tuple(value.shape)}, the model expects "
                 f"{tuple(target.shape)}."
             )
+    return expected, head_state
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> str:
+    """Adds the adapter saved in `directory` (native or HF peft format) to the model; returns its name."""
+    directory = Path(directory)
+    config, tensors = _read(directory)
+    if config.get("format") == "peft-pipelines":
+        spec, paths, heads = (
+            spec_from_dict(config["spec"]),
+            config["modules"],
+            config.get("extra_modules", []),
+        )
+        name = name or config["name"]
+    else:
+        spec, paths, tensors = _from_peft(config, tensors, directory)
+        heads, name = [], name or "default"
+    exact = [f"re:{re.escape(p)}" for p in paths]
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    add_adapter(model, type(spec)(**{**spec_to_dict(spec), "targets": exact}), name=name)
+    try:
+        expected, head_state = _check_tensors(model, name, tensors, heads, directory)
+    except ValueError:  # a refused file leaves the model as it was
+        remove_adapter(model, name)
+        for parameter in model.parameters():
+            parameter.requires_grad_(requires_grad[id(parameter)])
+        raise
     for path, wrapper in wrappers(model):
         if name in wrapper.adapters:
             adapter = wrapper.adapters[name]
