@@ -122,7 +122,7 @@ def get_pipeline_entry(name: str) -> PipelineEntry:
     if name in _PIPELINES:
         return _PIPELINES[name]
     import_domains()
-    matches = difflib.get_close_matches(name, list(_PIPELINES), n=3, cutoff=0.5)
+    matches = difflib.get_close_matches(name, list(_PIPELINES), n=3, cutoff=0.7)
     message = f"unknown pipeline '{name}'"
     if matches:
         message += f" (did you mean {', '.join(repr(m) for m in matches)}?)"
