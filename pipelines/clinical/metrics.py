@@ -48,9 +48,16 @@ def perplexity_from_nll(
 
 @torch.inference_mode()
 def held_out_perplexity(
-    model: Any, blocks: torch.Tensor, batch_size: int = 8, bootstrap: int = 1000, seed: int = 0
+    model: Any,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    prefix: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Return the perplexity of ``model`` (a :class:`ClinicalModel`) on full packed blocks.
+
+    ``prefix`` holds the blocks' cached prefix states when ``model.cached_layers`` is set.
 
     Returns:
         See :func:`perplexity_from_nll`.
@@ -58,10 +65,10 @@ def held_out_perplexity(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    sums = [
-        model.token_nll(blocks[i : i + batch_size].to(device)).cpu()
-        for i in range(0, len(blocks), batch_size)
-    ]
+    sums = []
+    for start in range(0, len(blocks), batch_size):
+        part = None if prefix is None else prefix[start : start + batch_size].to(device)
+        sums.append(model.token_nll(blocks[start : start + batch_size].to(device), part).cpu())
     model.train(was_training)
     nll = torch.cat(sums).double().numpy() if sums else np.zeros(0)
     return perplexity_from_nll(nll, int(blocks.shape[1]) - 1, bootstrap=bootstrap, seed=seed)

@@ -3,6 +3,8 @@ objective of stage 1 and the classification objective of stage 2."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -25,6 +27,10 @@ class ClinicalModel(nn.Module):
 
     Adapters are added to ``lm``'s layers (``model.lm``), so they can be exported on their own against
     the bare causal LM (HF peft format included). The head is the module named ``classifier``.
+
+    When the bottom ``cached_layers`` decoder layers hold no adapter, their output (``prefix``) does not
+    change during training: compute it once with :meth:`prefix_states` and pass it instead of the tokens;
+    only the top layers then run in every step. The results equal the full forward pass.
     """
 
     def __init__(self, lm: Any, outputs: int, pooling: Pooling = "last", seed: int = 0) -> None:
@@ -33,15 +39,65 @@ class ClinicalModel(nn.Module):
             raise ValueError(f"pooling must be 'last' or 'mean', got '{pooling}'")
         self.lm = lm
         self.pooling = pooling
+        self.cached_layers = 0
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.classifier = nn.Linear(int(lm.config.hidden_size), outputs)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def decoder(self) -> Any:
+        """The transformer body (``LlamaModel``): embeddings, ``layers``, final ``norm``."""
+        return self.lm.base_model
+
+    @contextmanager
+    def _layers(self, start: int, stop: int | None, final_norm: bool) -> Iterator[None]:
+        decoder = self.decoder
+        layers, norm = decoder.layers, decoder.norm
+        decoder.layers = nn.ModuleList(list(layers)[start:stop])
+        if not final_norm:
+            decoder.norm = nn.Identity()
+        try:
+            yield
+        finally:
+            decoder.layers, decoder.norm = layers, norm
+
+    @torch.no_grad()
+    def prefix_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return the hidden states after the bottom ``cached_layers`` layers ``(batch, T, hidden)``."""
+        if self.cached_layers <= 0:
+            raise ValueError(
+                "cached_layers is 0: there is no frozen prefix to compute; pass input_ids instead"
+            )
+        with self._layers(0, self.cached_layers, final_norm=False):
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return the final (normed) hidden states, from tokens or from cached prefix states."""
+        if prefix is None:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.last_hidden_state
+        with self._layers(self.cached_layers, None, final_norm=True):
+            out = self.decoder(inputs_embeds=prefix, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Return pooled last hidden states ``(batch, hidden)``: the last real token's, or the masked mean."""
+        hidden = self.hidden_states(input_ids, attention_mask, prefix)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         mask = attention_mask.to(hidden.dtype)
         if self.pooling == "mean":
             return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
@@ -50,22 +106,45 @@ class ClinicalModel(nn.Module):
         last = torch.where(mask.bool(), positions, -1).max(dim=1).values.clamp_min(0)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Return classification logits ``(batch, outputs)``."""
-        pooled = self.features(input_ids, attention_mask)
+        pooled = self.features(input_ids, attention_mask, prefix)
         return self.classifier(pooled.to(self.classifier.weight.dtype))
 
-    def lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the mean next-token cross-entropy over real tokens."""
-        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-
-    def token_nll(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Return the summed next-token negative log-likelihood of each full block ``(batch,)``."""
-        logits = self.lm(input_ids=input_ids).logits[:, :-1].float()
+    def token_losses(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return next-token cross-entropy ``(batch, T-1)`` and the mask of real target tokens."""
+        hidden = self.hidden_states(input_ids, attention_mask, prefix)
+        logits = self.lm.lm_head(hidden[:, :-1]).float()
         targets = input_ids[:, 1:]
         nll = functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        return nll.sum(dim=1)
+        if attention_mask is None:
+            return nll, torch.ones_like(nll)
+        real = attention_mask[:, 1:].to(nll.dtype)
+        return nll * real, real
+
+    def lm_loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return the mean next-token cross-entropy over real tokens."""
+        nll, real = self.token_losses(input_ids, attention_mask, prefix)
+        return nll.sum() / real.sum().clamp_min(1.0)
+
+    def token_nll(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the summed next-token negative log-likelihood of each full block ``(batch,)``."""
+        return self.token_losses(input_ids, None, prefix)[0].sum(dim=1)
 
 
 def classification_loss(
@@ -103,7 +182,8 @@ def predict_scores(model: ClinicalModel, loader: Any, task: str) -> tuple[np.nda
     device = next(model.parameters()).device
     truths, scores = [], []
     for batch in loader:
-        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        prefix = batch["prefix"].to(device) if "prefix" in batch else None
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), prefix)
         scores.append(scores_from_logits(logits.float(), task).cpu().double().numpy())
         truths.append(batch["labels"].numpy())
     model.train(was_training)

@@ -60,20 +60,32 @@ def pack_blocks(
 
 
 class LMBlocks(Dataset):
-    """Packed token blocks; items are ``{"input_ids": (L,)}``."""
+    """Packed token blocks; items are ``{"input_ids": (L,)}``, plus ``"prefix": (L, hidden)`` when
+    cached prefix states are given."""
 
-    def __init__(self, blocks: torch.Tensor) -> None:
+    def __init__(self, blocks: torch.Tensor, prefix: torch.Tensor | None = None) -> None:
         self.blocks = blocks
+        self.prefix = prefix
 
     def __len__(self) -> int:
         return int(self.blocks.shape[0])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[index]}
+        if self.prefix is None:
+            return {"input_ids": self.blocks[index]}
+        return {"input_ids": self.blocks[index], "prefix": self.prefix[index]}
+
+    @staticmethod
+    @torch.no_grad()
+    def prefix_of(model: Any, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Return ``model.prefix_states`` of full blocks ``(n, L, hidden)``."""
+        parts = [model.prefix_states(blocks[i : i + batch_size]) for i in range(0, len(blocks), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0)
 
 
 class ClassificationSet(Dataset):
-    """Tokenised notes with labels; items are ``{"input_ids": (T,), "labels": scalar or (k,)}``."""
+    """Tokenised notes with labels; items are ``{"input_ids": (T,), "labels": scalar or (k,)}``, plus
+    ``"prefix": (T, hidden)`` once :meth:`attach_prefix` has stored cached prefix states."""
 
     def __init__(self, token_lists: Sequence[Sequence[int]], labels: np.ndarray) -> None:
         if len(token_lists) != len(labels):
@@ -83,12 +95,30 @@ class ClassificationSet(Dataset):
             raise ValueError(f"{len(empty)} notes have no tokens (positions {empty[:5]}); drop empty notes")
         self.tokens = [torch.tensor(t, dtype=torch.long) for t in token_lists]
         self.labels = torch.as_tensor(np.asarray(labels))
+        self.prefix: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.tokens[index], "labels": self.labels[index]}
+        item = {"input_ids": self.tokens[index], "labels": self.labels[index]}
+        if self.prefix is not None:
+            item["prefix"] = self.prefix[index]
+        return item
+
+    @torch.no_grad()
+    def attach_prefix(self, model: Any, batch_size: int = 8) -> None:
+        """Compute ``model.prefix_states`` of every note once (batched, no padding kept) and store them."""
+        collate = PadCollate(0)
+        states: list[torch.Tensor] = []
+        for start in range(0, len(self), batch_size):
+            items = [{"input_ids": t} for t in self.tokens[start : start + batch_size]]
+            batch = collate(items)
+            hidden = model.prefix_states(batch["input_ids"], batch["attention_mask"])
+            states.extend(
+                hidden[row, : len(t)].clone() for row, t in enumerate(self.tokens[start : start + batch_size])
+            )
+        self.prefix = states
 
 
 class PadCollate:
@@ -106,6 +136,12 @@ class PadCollate:
             input_ids[row, :length] = item["input_ids"]
             mask[row, :length] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask}
+        if "prefix" in items[0]:  # cached hidden states (T, hidden), padded with zeros like the tokens
+            width = int(items[0]["prefix"].shape[-1])
+            prefix = torch.zeros((len(items), longest, width), dtype=items[0]["prefix"].dtype)
+            for row, item in enumerate(items):
+                prefix[row, : item["prefix"].shape[0]] = item["prefix"]
+            batch["prefix"] = prefix
         if "labels" in items[0]:
             batch["labels"] = torch.stack([item["labels"] for item in items])
         return batch

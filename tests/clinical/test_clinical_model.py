@@ -105,3 +105,27 @@ def test_perplexity_is_exp_of_the_lm_loss_on_full_blocks(tiny):
     assert result["value"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert result["low"] <= result["value"] <= result["high"] and result["tokens"] == 40
     assert perplexity_from_nll(np.array([2.0, 4.0]), 2, bootstrap=0)["value"] == pytest.approx(math.exp(1.5))
+
+
+def test_cached_prefix_gives_the_full_forward_pass(tiny):
+    from pipelines.clinical.tokens import LMBlocks
+
+    model = ClinicalModel(tiny.model, outputs=2, pooling="last")
+    data = ClassificationSet([[5, 6, 7, 8], [9, 10], [11, 12, 13]], np.array([1, 0, 1]))
+    loader = torch.utils.data.DataLoader(data, batch_size=3, collate_fn=PadCollate(0))
+    full = predict_scores(model, loader, "multiclass")[1]
+    with pytest.raises(ValueError, match="cached_layers is 0"):
+        data.attach_prefix(model)
+    model.cached_layers = 1
+    data.attach_prefix(model, batch_size=2)
+    assert [p.shape for p in data.prefix] == [(4, 32), (2, 32), (3, 32)]
+    cached = predict_scores(model, loader, "multiclass")[1]
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-6)
+    assert len(model.decoder.layers) == 2 and not isinstance(model.decoder.norm, torch.nn.Identity)
+    blocks = torch.randint(3, 259, (3, 6), generator=torch.Generator().manual_seed(1))
+    prefix = LMBlocks.prefix_of(model, blocks, batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.token_nll(blocks, prefix), model.token_nll(blocks))
+        torch.testing.assert_close(
+            model.lm_loss(blocks, prefix=prefix), tiny.model(blocks, labels=blocks).loss
+        )
