@@ -52,7 +52,7 @@ def _metric(fn: Callable[..., float]) -> Callable[..., float]:
         try:
             return float(fn(*args, **kwargs))
         except _Undefined as undefined:
-            return warn_undefined(fn.__name__, str(undefined), stacklevel=3)
+            return warn_undefined(fn.__name__, str(undefined), stacklevel=2)
 
     return wrapper
 
