@@ -220,7 +220,7 @@ def write_report(run_dir: str | os.PathLike, result: RunResult) -> list[Path]:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    payload = build_report(result)
+    payload = to_jsonable(build_report(result), "report.json")  # markdown and JSON show the same values
     try:
         plots = write_plots(run_dir, result.task, result.predictions, result.histories, result.primary_model)
     except Exception as error:  # a broken plot must not lose the numbers; it is said in the report

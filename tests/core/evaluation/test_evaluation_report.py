@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import namedtuple
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,16 @@ from pipelines.core.evaluation.report import REPORT_KEYS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@dataclass(frozen=True)
+class _Spec:
+    r: int = 8
+    alpha: int = 16
+
+
 def _info() -> dict:
     return {
         "backbone": {"name": "tiny_vit", "source": "timm", "weights": "random initialisation"},
-        "adapter": {"method": "lora", "spec": {"r": 8, "alpha": 16}, "file_size_bytes": 2048},
+        "adapter": {"method": "lora", "spec": _Spec(), "file_size_bytes": 2048},
         "dataset": {"name": "toy", "splits": {"train": 80, "test": 120}, "sha256": "ab" * 32},
         "cost": {"wall_time_s": 75.0, "peak_memory_bytes": 3 * 2**30, "samples_per_second": 12.5},
         "notes": ["demo run on random data"],
@@ -80,6 +87,7 @@ def test_write_report_files_and_json_keys(tmp_path: Path):
         "linear_probe": {"trainable": 10, "total": 99_010, "fraction": 10 / 99_010},
     }
     assert report["backbone"]["weights"] == "random initialisation"
+    assert report["adapter"]["spec"] == {"r": 8, "alpha": 16}
     assert report["dataset"]["splits"] == {"train": 80, "test": 120}
     assert report["notes"] == ["demo run on random data"]
     assert report["extra"]["undefined"] is None
@@ -127,6 +135,7 @@ def test_report_markdown_has_the_sections(tmp_path: Path):
         "- **peak memory**: 3.00 GiB",
         "- **throughput**: 12.5 samples/s",
         "- **file size**: 2.00 KiB",
+        '- **spec**: `{"r": 8, "alpha": 16}`',
         f"| numpy | {np.__version__} |",
         "- demo run on random data",
         "![roc](roc.png)",
