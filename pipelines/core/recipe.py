@@ -154,7 +154,7 @@ class Recipe(_Section):
         for index, stage in enumerate(self.stages):
             if stage.name in seen:
                 problems.append(
-                    f"stages.{index}.name: stage '{stage.name}' is already stage {seen[stage.name]}"
+                    f"stages.{index}.name: '{stage.name}' is already the name of stage {seen[stage.name]}"
                 )
             seen.setdefault(stage.name, index)
             adapters = {s.name for s in self.stages[: index + 1] if s.adapter is not None}
