@@ -1,0 +1,177 @@
+"""Runner: run directory contents, seeding, resume, rank-0 writing and the demo index."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+
+import pytest
+import yaml
+
+from pipelines.core import recipe as recipe_module
+from pipelines.core import registry, runner
+from pipelines.core.evaluation import MetricResult, RunResult
+from pipelines.core.recipe import load_recipe
+from pipelines.core.runner import RunError, run_demo, run_recipe, write_demo_index
+
+RECIPE = """\
+name: toy_run
+pipeline: toy/run
+backbone: {name: tiny}
+data: {dataset: toy, task: binary}
+stages:
+  - {name: task, objective: classification, adapter: {method: lora, r: 2, targets: [fc]}}
+evaluation: {metrics: [auroc], bootstrap: 0}
+compare: [linear_probe]
+"""
+
+
+class FakePipeline:
+    """Returns a fixed result and records how it was called."""
+
+    DATASETS = ("toy",)
+    calls: list = []
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+
+    @classmethod
+    def from_recipe(cls, recipe):
+        return cls(recipe)
+
+    def run(self, run_dir, resume=False):
+        FakePipeline.calls.append({"run_dir": run_dir, "resume": resume, "draw": random.random()})
+        return RunResult(
+            name=self.recipe.name,
+            pipeline=self.recipe.pipeline,
+            task="binary",
+            headline_metric="auroc",
+            primary_model="lora",
+            results={
+                "lora": {"auroc": MetricResult(0.9, 0.85, 0.95)},
+                "linear_probe": {"auroc": MetricResult(0.8, 0.7, 0.88)},
+            },
+            parameters={"lora": {"trainable": 10, "total": 1000, "fraction": 0.01}},
+            info={"cost": {"wall_time_s": 42.0}},
+        )
+
+
+@pytest.fixture(autouse=True)
+def fake_pipeline(monkeypatch):
+    monkeypatch.setattr(registry, "_PIPELINES", {})
+    monkeypatch.setattr(registry, "_IMPORT_ERRORS", {})
+    monkeypatch.setattr(registry, "DOMAINS", {})
+    registry.register_pipeline("toy/run", FakePipeline)
+    FakePipeline.calls = []
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    path = tmp_path / "toy_run.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def test_run_dir_holds_resolved_recipe_and_report(recipe_file, tmp_path):
+    run_dir = run_recipe(recipe_file, ["seed=3"], output_dir=tmp_path / "runs")
+    assert run_dir.parent == tmp_path / "runs" / "toy_run"
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    expected = load_recipe(recipe_file, ["seed=3", f"output_dir={tmp_path / 'runs'}"]).model_dump(mode="json")
+    assert saved == expected
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["headline"] == {"metric": "auroc", "model": "lora", "value": 0.9, "low": 0.85, "high": 0.95}
+    assert (run_dir / "report.md").is_file()
+    assert FakePipeline.calls[0]["run_dir"] == run_dir and FakePipeline.calls[0]["resume"] is False
+
+
+def test_runs_are_seeded_and_get_their_own_directories(recipe_file, tmp_path):
+    first = run_recipe(recipe_file, output_dir=tmp_path)
+    second = run_recipe(recipe_file, output_dir=tmp_path)
+    assert first != second
+    assert FakePipeline.calls[0]["draw"] == FakePipeline.calls[1]["draw"]
+
+
+def test_resume_reuses_the_newest_run(recipe_file, tmp_path):
+    with pytest.raises(RunError, match=f"no earlier run in {tmp_path / 'toy_run'} to resume"):
+        run_recipe(recipe_file, resume=True, output_dir=tmp_path)
+    run_dir = run_recipe(recipe_file, output_dir=tmp_path)
+    assert run_recipe(recipe_file, ["stages.0.train.epochs=2"], resume=True, output_dir=tmp_path) == run_dir
+    assert FakePipeline.calls[-1]["resume"] is True
+    assert yaml.safe_load((run_dir / "recipe.previous.yaml").read_text())["stages"][0]["train"]["epochs"] == 1
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["stages"][0]["train"]["epochs"] == 2
+
+
+def test_only_the_main_process_writes(recipe_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_is_main_process", lambda: False)
+    run_dir = run_recipe(recipe_file, output_dir=tmp_path)
+    assert FakePipeline.calls[0]["run_dir"] == run_dir
+    assert not run_dir.exists()
+
+
+def _report(folder, name, pipeline, metric, values, fraction, seconds):
+    folder.mkdir(parents=True)
+    report = {
+        "name": name,
+        "pipeline": pipeline,
+        "headline": {"metric": metric, "model": "lora", "value": values["lora"], "low": 0.1, "high": 0.2},
+        "results": {model: {metric: {"value": v, "low": None, "high": None}} for model, v in values.items()},
+        "parameters": {"lora": {"trainable": 1, "total": 100, "fraction": fraction}},
+        "cost": {"wall_time_s": seconds},
+    }
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_demo_index_rows(tmp_path):
+    protein = _report(
+        tmp_path / "runs" / "gb1" / "t1",
+        "gb1",
+        "protein/regression",
+        "mse",
+        {"lora": 0.5, "linear_probe": 0.4, "full_finetune": 0.7},
+        0.0123,
+        300.0,
+    )
+    imaging = _report(
+        tmp_path / "runs" / "pm" / "t2",
+        "pm",
+        "imaging/classification",
+        "auroc",
+        {"lora": 0.93, "linear_probe": 0.9},
+        0.05,
+        42.0,
+    )
+    index = write_demo_index([protein, imaging], tmp_path / "runs" / "demo" / "index.md", {"speech": "boom"})
+    assert index.read_text().splitlines() == [
+        "# peft-pipelines demo",
+        "",
+        "| domain | recipe | headline (95% CI) | against the best baseline | trainable | wall time "
+        "| report |",
+        "|---|---|---|---|---|---|---|",
+        "| imaging | pm | auroc 0.930 [0.100, 0.200] (lora) | beat linear_probe (0.900) | 5% | 42 s "
+        "| [report.md](../pm/t2/report.md) |",
+        "| protein | gb1 | mse 0.500 [0.100, 0.200] (lora) | lost to linear_probe (0.400) | 1.23% | 5.0 min "
+        "| [report.md](../gb1/t1/report.md) |",
+        "",
+        "Not run or failed:",
+        "",
+        "- speech: boom",
+    ]
+
+
+def test_run_demo_runs_present_recipes_and_reports_missing_ones(tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    (recipes / "toy").mkdir(parents=True)
+    (recipes / "toy" / "toy_run.yaml").write_text(textwrap.dedent(RECIPE))
+    monkeypatch.setattr(recipe_module, "recipes_dir", lambda: recipes)
+    monkeypatch.setattr(runner, "DEMO_RECIPES", {"toy": "toy/toy_run", "other": "other/absent"})
+    index, failures = run_demo(output_dir=tmp_path / "runs")
+    assert index == tmp_path / "runs" / "demo" / "index.md"
+    assert list(failures) == ["other"] and "is not in this checkout" in failures["other"]
+    assert (
+        "| toy | toy_run | auroc 0.900 [0.850, 0.950] (lora) | beat linear_probe (0.800) |"
+        in index.read_text()
+    )
+    with pytest.raises(ValueError, match="no demo for domain 'nope'; choose from toy, other"):
+        run_demo(["nope"], output_dir=tmp_path)
