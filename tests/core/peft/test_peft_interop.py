@@ -1,0 +1,109 @@
+"""HF peft as the oracle: our LoRA, DoRA and rsLoRA files load in HF peft and theirs in ours, same logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft_testing import perturb_adapters
+
+from pipelines.core.peft import LoRA, adapter_names, add_adapter, load_adapter, merge, save_adapter
+
+peft = pytest.importorskip("peft", reason="HF peft is the oracle of these tests; pip install peft")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model, input_ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+OURS = {
+    "lora": LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"]),
+    "dora": LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"], use_dora=True),
+    "rslora": LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"], use_rslora=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(OURS))
+def test_our_peft_format_loads_in_hf_peft(tiny_llama, input_ids, tmp_path, kind):
+    model = add_adapter(copy.deepcopy(tiny_llama), OURS[kind], name="task")
+    perturb_adapters(model, scale=0.3)
+    save_adapter(model, tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == [
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    ]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path).eval()
+    expected = logits(model, input_ids)
+    assert not torch.allclose(expected, logits(tiny_llama, input_ids), atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(logits(theirs, input_ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "rslora"])
+def test_hf_peft_files_load_in_ours(tiny_llama, input_ids, tmp_path, kind):
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+        use_dora=kind == "dora", use_rslora=kind == "rslora",
+    )  # fmt: skip
+    theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    theirs.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    model = copy.deepcopy(tiny_llama)
+    assert load_adapter(model, tmp_path) == "default"
+    assert adapter_names(model) == ["default"]
+    expected = logits(theirs, input_ids)
+    assert not torch.allclose(expected, logits(tiny_llama, input_ids), atol=1e-3)
+    torch.testing.assert_close(logits(model, input_ids), expected, atol=1e-5, rtol=0)
+    # Merged, both are still the same function.
+    merge(model)
+    merged = theirs.merge_and_unload()
+    torch.testing.assert_close(logits(model, input_ids), logits(merged, input_ids), atol=1e-5, rtol=0)
+
+
+def test_same_weights_same_forward_as_hf_peft(tiny_llama, input_ids):
+    """Our forward against HF peft's on the very same A, B (copied in memory, not through files)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config).eval()
+    model = add_adapter(
+        copy.deepcopy(tiny_llama), LoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
+    )
+    perturb_adapters(model, scale=0.3)
+    ours = {
+        n.replace(".adapters.default", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
+    }
+    copied = 0
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                key = name.removeprefix("base_model.model.").replace(".default", "")
+                parameter.copy_(ours[key])
+                copied += 1
+    assert copied == 2 * 2 * 3
+    model.train()  # the fused training path and the eval path both match
+    torch.testing.assert_close(logits(model, input_ids), logits(theirs, input_ids), atol=1e-5, rtol=0)
+    model.eval()
+    torch.testing.assert_close(logits(model, input_ids), logits(theirs, input_ids), atol=1e-5, rtol=0)
