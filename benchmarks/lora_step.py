@@ -92,18 +92,26 @@ def time_gpu(step, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def run_gpu(names: list[str], steps: int) -> list[dict]:
+def run_gpu(names: list[str], steps: int, compile: bool = False) -> list[dict]:
     shape = SHAPES["llama-1.1b"]
     rows = []
     for name in names:
         gc.collect()
         torch.cuda.empty_cache()
         model, parameters, floor = prepare(name, build_model(shape, torch.bfloat16, "cuda"))
+        if compile:
+            model.forward = torch.compile(model.forward)
         ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["tokens"]), device="cuda")
         torch.cuda.reset_peak_memory_stats()
         times = time_gpu(make_step(model, parameters, floor, ids), warmup=3, steps=steps)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        rows.append({"config": name, "step_ms": statistics.median(times), "peak_gib": peak})
+        rows.append(
+            {
+                "config": name + ("+compile" if compile else ""),
+                "step_ms": statistics.median(times),
+                "peak_gib": peak,
+            }
+        )
         print(f"{name:16s} {rows[-1]['step_ms']:8.1f} ms {peak:7.2f} GiB", flush=True)
         del model, parameters
     return rows
@@ -136,17 +144,21 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--configs", default="full,floor,hf_peft,hf_peft_no_autocast,ours")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model's forward (GPU)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/lora_step.json"))
     args = parser.parse_args()
     if args.device == "cuda":
-        rows, device = run_gpu(args.configs.split(","), args.steps), torch.cuda.get_device_name()
+        rows, device = (
+            run_gpu(args.configs.split(","), args.steps, args.compile),
+            torch.cuda.get_device_name(),
+        )
     else:
         torch.manual_seed(0)
         rows, device = (
             run_cpu(args.steps),
             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         )
-    floor = next((r for r in rows if r["config"] == "floor"), None)
+    floor = next((r for r in rows if r["config"].startswith("floor")), None)
     header = (
         f"{'configuration':22s} {'step (ms)':>10s} {'peak (GiB)':>11s} {'time/floor':>11s} {'mem/floor':>10s}"
     )

@@ -154,9 +154,13 @@ class LoRAAdapter(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def fusable(self, base: nn.Module, x: torch.Tensor) -> bool:
-        """Whether the fused Linear path applies: frozen base, no dropout or DoRA, no autocast."""
+        """Whether the fused Linear path applies: frozen base, no dropout or DoRA, no autocast.
+
+        Under torch.compile the plain path is taken: Inductor fuses it better than it can trace the cache.
+        """
         return (
             isinstance(base, nn.Linear)
+            and not torch.compiler.is_compiling()
             and not hasattr(self, "lora_magnitude_vector")
             and (self.spec.dropout == 0 or not self.training)
             and not base.weight.requires_grad
