@@ -372,9 +372,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), check: bool = T
     Raises:
         RecipeValidationError: Every problem at once, each with its YAML path.
     """
-    recipe, errors = _load(path, overrides, check)
+    file = find_recipe(path)
+    recipe, errors = _load(file, overrides, check)
     if errors or recipe is None:
-        raise RecipeValidationError(errors, str(path))
+        raise RecipeValidationError(sorted(errors, key=lambda error: error.line or 0), str(file))
     return recipe
 
 

@@ -109,12 +109,12 @@ def line_of(node: yaml.Node | None, parts: Sequence[str]) -> int | None:
     if node is None:
         return None
     line = node.start_mark.line + 1
-    for part in parts:
+    for depth, part in enumerate(parts):
         if isinstance(node, yaml.MappingNode):
             match = next((v for k, v in node.value if str(getattr(k, "value", "")) == part), None)
             key = next((k for k, v in node.value if str(getattr(k, "value", "")) == part), None)
-            if match is None:
-                return line
+            if match is None:  # not in the file (a default or an override): its section's line, if any
+                return line if depth else None
             line, node = key.start_mark.line + 1, match
         elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
             node = node.value[int(part)]

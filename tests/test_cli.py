@@ -1,0 +1,206 @@
+"""The peft-pipelines command, called in-process through main([...])."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import pipelines
+from pipelines import cli
+from pipelines.core import recipe as recipe_module
+from pipelines.core import registry, runner
+
+RECIPE = """\
+name: toy_cli
+pipeline: toy/cli
+description: A toy recipe for the CLI tests.
+backbone: {name: tiny}
+data: {dataset: toy, task: binary}
+stages:
+  - {name: task, objective: classification, adapter: {method: lora, r: 2, targets: [fc]}}
+"""
+
+
+class ToyPipeline:
+    """Does nothing, quickly."""
+
+    DATASETS = ("toy",)
+
+
+@pytest.fixture(autouse=True)
+def toy_world(tmp_path, monkeypatch):
+    """A registry with one toy pipeline and a recipes folder with one toy recipe."""
+    monkeypatch.setattr(registry, "_PIPELINES", {})
+    monkeypatch.setattr(registry, "_IMPORT_ERRORS", {})
+    monkeypatch.setattr(registry, "DOMAINS", {})
+    registry.register_pipeline("toy/cli", ToyPipeline)
+    recipes = tmp_path / "recipes"
+    (recipes / "toy").mkdir(parents=True)
+    (recipes / "toy" / "toy_cli.yaml").write_text(RECIPE)
+    monkeypatch.setattr(recipe_module, "recipes_dir", lambda: recipes)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"peft-pipelines {pipelines.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "list", "evaluate", "export", "cp", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: peft-pipelines {command}")
+
+
+def test_validate_prints_every_error_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RECIPE.replace("{name: tiny}", "{name: tiny, optoins: {}}").replace("r: 2", "rank: 2"))
+    assert cli.main(["validate", "toy/toy_cli", str(bad)]) == 2
+    assert capsys.readouterr().out.splitlines() == [
+        "toy/toy_cli: ok",
+        f"{bad}: 2 errors",
+        f"  {bad}:4: backbone.optoins: unknown key 'optoins' (did you mean 'options'?)",
+        f"  {bad}:7: stages.0.adapter.rank: unknown key 'rank' (valid keys: r, alpha, dropout, targets, "
+        "use_dora, use_rslora, init, method)",
+    ]
+    assert cli.main(["validate", "toy/toy_cli"]) == 0
+
+
+def test_validate_with_overrides(capsys):
+    assert cli.main(["validate", "toy/toy_cli", "--set", "data.fraction=2"]) == 2
+    assert "data.fraction: Input should be less than or equal to 1" in capsys.readouterr().out
+
+
+def test_list_shows_pipelines_and_recipes(capsys):
+    assert cli.main(["list", "pipelines"]) == 0
+    assert capsys.readouterr().out.split() == ["toy/cli", "Does", "nothing,", "quickly."]
+    assert cli.main(["list", "recipes", "toy/*"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "toy/toy_cli",
+        "A",
+        "toy",
+        "recipe",
+        "for",
+        "the",
+        "CLI",
+        "tests.",
+    ]
+    assert cli.main(["list", "imaging/*"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pipelines:\n  (none)\nrecipes:\n  (none)\ndatasets:\n")
+
+
+def test_cp_copies_a_shipped_recipe_and_refuses_to_overwrite(tmp_path, capsys):
+    assert cli.main(["cp", "toy/toy_cli"]) == 0
+    assert (tmp_path / "toy_cli.yaml").read_text() == RECIPE
+    assert cli.main(["cp", "toy/toy_cli", "mine.yaml"]) == 0
+    assert (tmp_path / "mine.yaml").read_text() == RECIPE
+    capsys.readouterr()
+    assert cli.main(["cp", "toy/toy_cli"]) == 1
+    assert capsys.readouterr().err == (
+        f"peft-pipelines: error: {tmp_path / 'toy_cli.yaml'} exists; pass --force to overwrite it "
+        "or choose another destination\n"
+    )
+    assert cli.main(["cp", "toy/toy_cli", "--force"]) == 0
+
+
+def test_errors_are_one_line_unless_debug(capsys):
+    assert cli.main(["run", "toy/toy_cl"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "peft-pipelines: error: recipe 'toy/toy_cl' is neither a file nor a shipped recipe; "
+        "did you mean 'toy/toy_cli'? see `peft-pipelines list recipes`\n"
+    )
+    with pytest.raises(FileNotFoundError):
+        cli.main(["run", "toy/toy_cl", "--debug"])
+
+
+def test_invalid_recipe_in_run_exits_2_with_every_error(tmp_path, capsys):
+    assert cli.main(["run", "toy/toy_cli", "seed=-1", "data.fraction=0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"peft-pipelines: error: recipe {tmp_path / 'recipes' / 'toy' / 'toy_cli.yaml'} is invalid:",
+        "  seed: Input should be greater than or equal to 0",
+        "  line 5: data.fraction: Input should be greater than 0",
+    ]
+
+
+def test_interrupt_exits_130_with_the_resume_command(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_recipe", interrupted)
+    assert cli.main(["run", "toy/toy_cli"]) == 130
+    assert capsys.readouterr().err == (
+        "peft-pipelines: interrupted; continue from the last checkpoint with "
+        "`peft-pipelines run toy/toy_cli --resume`\n"
+    )
+
+
+def test_evaluate_a_predictions_csv(tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 2, 60)
+    y_score = np.clip(y_true * 0.3 + rng.random(60) * 0.7, 0, 1)
+    table = tmp_path / "predictions.csv"
+    table.write_text("y_true,y_score\n" + "".join(f"{t},{s}\n" for t, s in zip(y_true, y_score, strict=True)))
+    out = tmp_path / "report.json"
+    argv = [
+        "evaluate",
+        str(table),
+        "--task",
+        "binary",
+        "--metrics",
+        "auroc",
+        "--bootstrap",
+        "50",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = roc_auc_score(y_true, y_score)
+    assert lines[1].split()[:2] == ["auroc", f"{expected:.4f}"]
+    saved = json.loads(out.read_text())
+    assert saved["results"]["auroc"]["value"] == pytest.approx(expected, abs=1e-12)
+    assert saved["results"]["auroc"]["low"] <= expected <= saved["results"]["auroc"]["high"]
+    assert (saved["task"], saved["n"], saved["bootstrap"]) == ("binary", 60, 50)
+
+
+def test_evaluate_reads_npz_and_names_missing_arrays(tmp_path, capsys):
+    path = tmp_path / "predictions.npz"
+    np.savez(path, y_true=np.array([0.0, 1.0, 2.0, 3.0]), y_score=np.array([0.1, 0.9, 2.2, 2.8]))
+    assert (
+        cli.main(["evaluate", str(path), "--task", "regression", "--metrics", "spearman", "--bootstrap", "0"])
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines()[1].split() == ["spearman", "1.0000"]
+    np.savez(path, labels=np.array([0, 1]))
+    assert cli.main(["evaluate", str(path), "--task", "binary"]) == 1
+    assert "has no array 'y_score'; save y_true and y_score" in capsys.readouterr().err
+
+
+def _native_adapter(folder):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"format": "peft-pipelines", "name": folder.name}))
+    (folder / "adapter_model.safetensors").write_bytes(b"tensors")
+
+
+def test_export_copies_adapters_in_their_saved_format(tmp_path, capsys):
+    _native_adapter(tmp_path / "run" / "adapters" / "task")
+    _native_adapter(tmp_path / "run" / "adapters" / "domain")
+    assert cli.main(["export", "run", "--out", "exported", "--adapter", "task"]) == 0
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["task"]
+    assert (tmp_path / "exported" / "task" / "adapter_model.safetensors").read_bytes() == b"tensors"
+    assert cli.main(["export", "run", "--out", "exported", "--adapter", "task"]) == 1
+    assert "exists; choose another --out or pass --force" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "run" / "adapters")
+    assert cli.main(["export", "run", "--out", "x"]) == 1
+    assert capsys.readouterr().err == "peft-pipelines: error: no adapters in run/adapters\n"
