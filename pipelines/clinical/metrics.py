@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.core.evaluation import bootstrap_mean, perplexity
+
 __all__ = ["held_out_perplexity", "perplexity_from_nll"]
 
 
@@ -15,10 +17,13 @@ def perplexity_from_nll(
 ) -> dict[str, float]:
     """Return token-weighted perplexity ``exp(sum nll / tokens)`` and a 95% percentile bootstrap interval.
 
+    Blocks have equal length, so the perplexity is exp of the mean per-block NLL per token, and its
+    interval is exp of the bootstrap interval of that mean (resampling blocks, not tokens).
+
     Args:
         block_nll: Summed next-token NLL of each block.
         tokens_per_block: Predicted tokens in each block (block length - 1).
-        bootstrap: Resamples of the blocks; 0 gives no interval (low = high = value).
+        bootstrap: Resamples of the blocks; 0 gives no interval (low = high = NaN).
         seed: Seed of the resampling.
 
     Returns:
@@ -28,19 +33,14 @@ def perplexity_from_nll(
     if block_nll.size == 0:
         nan = float("nan")
         return {"value": nan, "low": nan, "high": nan, "nll": nan, "tokens": 0, "blocks": 0}
-    mean_nll = float(block_nll.mean() / tokens_per_block)
-    value = float(np.exp(mean_nll))
-    low = high = value
-    if bootstrap > 0 and block_nll.size > 1:
-        rng = np.random.default_rng(seed)
-        draws = rng.integers(0, block_nll.size, size=(bootstrap, block_nll.size))
-        resampled = np.exp(block_nll[draws].mean(axis=1) / tokens_per_block)
-        low, high = (float(v) for v in np.percentile(resampled, [2.5, 97.5]))
+    counts = np.full(block_nll.shape, float(tokens_per_block))
+    value = perplexity(block_nll, counts)
+    mean = bootstrap_mean(block_nll / tokens_per_block, bootstrap=bootstrap, seed=seed)
     return {
-        "value": value,
-        "low": low,
-        "high": high,
-        "nll": mean_nll,
+        "value": float(value),
+        "low": float(np.exp(mean.low)),
+        "high": float(np.exp(mean.high)),
+        "nll": float(mean.value),
         "tokens": int(block_nll.size * tokens_per_block),
         "blocks": int(block_nll.size),
     }

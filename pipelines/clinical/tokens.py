@@ -79,7 +79,11 @@ class LMBlocks(Dataset):
     @torch.no_grad()
     def prefix_of(model: Any, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Return ``model.prefix_states`` of full blocks ``(n, L, hidden)``."""
-        parts = [model.prefix_states(blocks[i : i + batch_size]) for i in range(0, len(blocks), batch_size)]
+        device = next(model.parameters()).device
+        parts = [
+            model.prefix_states(blocks[i : i + batch_size].to(device)).cpu()
+            for i in range(0, len(blocks), batch_size)
+        ]
         return torch.cat(parts) if parts else torch.zeros(0)
 
 
@@ -114,7 +118,10 @@ class ClassificationSet(Dataset):
         for start in range(0, len(self), batch_size):
             items = [{"input_ids": t} for t in self.tokens[start : start + batch_size]]
             batch = collate(items)
-            hidden = model.prefix_states(batch["input_ids"], batch["attention_mask"])
+            device = next(model.parameters()).device
+            hidden = model.prefix_states(
+                batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            ).cpu()
             states.extend(
                 hidden[row, : len(t)].clone() for row, t in enumerate(self.tokens[start : start + batch_size])
             )

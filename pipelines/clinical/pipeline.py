@@ -1,0 +1,322 @@
+"""The ``clinical/two_stage`` pipeline (Gema et al. 2023): a domain LoRA trained with the causal-LM
+objective on clinical notes, then a task LoRA stacked on it plus a classification head.
+
+The paper's four variants are recipe settings: (a) no domain stage; (b) stage 2 ``trainable: [task]``;
+(c) stage 2 with ``adapter: null`` and ``trainable: [domain]``; (d) ``trainable: [domain, task]``.
+From a recipe, ``run`` also trains the baselines in ``compare`` (``head_only``: the frozen backbone and a
+head; ``single_stage_lora``: the classification stages alone, without domain adaptation) on the same
+data, seed and budget, and reports held-out perplexity before and after each causal-LM stage.
+
+From lab code::
+
+    pipe = create_pipeline("clinical/two_stage", backbone="smollm2-135m", task="binary",
+                           label_columns="label", task_train={"epochs": 3, "lr": 1e-3})
+    pipe.fit(train_frame)                  # a DataFrame of notes (text + label columns) or Notes
+    report = pipe.evaluate(test_frame)     # report["auroc"].value / .low / .high
+    pipe.save("adapters/")                 # domain/, task/ (each with peft/), classifier/
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipelines.clinical.backbones import Backbone, load_backbone
+from pipelines.clinical.data import MTSAMPLES, Notes, notes_from_frame
+from pipelines.clinical.options import BackboneOptions, ClinicalOptions, StageOptions, as_model
+from pipelines.clinical.stages import (
+    Stage,
+    StageError,
+    build_model,
+    classification_data,
+    lm_data,
+    perplexity_of,
+    save_adapters,
+    score,
+    train_stage,
+)
+from pipelines.core.evaluation import EvaluationReport, RunResult, evaluate
+from pipelines.core.peft import spec_from_dict
+from pipelines.core.recipe import Recipe, pipeline_options
+from pipelines.core.registry import register_pipeline
+from pipelines.core.training import TrainConfig, TrainResult
+
+__all__ = ["ClinicalTwoStagePipeline", "BASELINES", "DEFAULT_DOMAIN_ADAPTER", "DEFAULT_TASK_ADAPTER"]
+
+BASELINES = ("head_only", "single_stage_lora")
+# The paper's adapters (Gema et al. 2023, section 3).
+DEFAULT_DOMAIN_ADAPTER = {
+    "method": "lora",
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.0,
+    "targets": ["q_proj", "v_proj"],
+}
+DEFAULT_TASK_ADAPTER = {"method": "lora", "r": 8, "alpha": 4, "dropout": 0.1, "targets": ["q_proj", "v_proj"]}
+
+
+def _spec(adapter: Any) -> Any:
+    if adapter is None or hasattr(adapter, "method"):
+        return adapter
+    return spec_from_dict(dict(adapter))
+
+
+def _train_config(value: Any) -> TrainConfig:
+    return value if isinstance(value, TrainConfig) else TrainConfig.model_validate(dict(value or {}))
+
+
+@register_pipeline("clinical/two_stage", options=ClinicalOptions)
+class ClinicalTwoStagePipeline:
+    """Clinical text classification with a domain adapter (causal LM) and a task adapter on LLaMA models."""
+
+    OBJECTIVES = ("causal_lm", "classification")
+    BASELINES = BASELINES
+    DATASETS = (MTSAMPLES.name,)
+
+    def __init__(
+        self,
+        backbone: str | Backbone = "smollm2-135m",
+        task: str = "binary",
+        stages: list[Stage] | None = None,
+        domain_adapter: Any = DEFAULT_DOMAIN_ADAPTER,
+        task_adapter: Any = DEFAULT_TASK_ADAPTER,
+        train_domain_in_task_stage: bool = True,
+        domain_train: TrainConfig | dict | None = None,
+        task_train: TrainConfig | dict | None = None,
+        block_length: int = 512,
+        max_blocks: int | None = None,
+        max_length: int = 512,
+        pooling: str = "last",
+        class_weights: bool = False,
+        text_column: str = "text",
+        label_columns: str | list[str] = "label",
+        id_column: str | None = None,
+        backbone_options: BackboneOptions | dict | None = None,
+        metrics: list[str] | None = None,
+        bootstrap: int = 1000,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        """Build the pipeline for lab code.
+
+        Args:
+            backbone: A name for :func:`~pipelines.clinical.backbones.load_backbone` or a loaded Backbone.
+            task: ``binary``, ``multiclass`` or ``multilabel``.
+            stages: Explicit stages; when omitted they are built from the arguments below.
+            domain_adapter: Spec (or dict) of the stage-1 adapter; None skips domain adaptation.
+            task_adapter: Spec of the stage-2 adapter; None trains no new adapter in stage 2.
+            train_domain_in_task_stage: Keep training the domain adapter in stage 2 (variant d).
+            domain_train, task_train: Training settings of the two stages (``TrainConfig`` fields).
+            block_length, max_blocks: Stage 1's packed block length and cap on blocks.
+            max_length: Tokens kept from the start of each note for classification.
+            pooling, class_weights: Head pooling (``last``/``mean``) and class-weighted loss.
+            text_column, label_columns, id_column: Columns of the DataFrames given to fit/evaluate.
+            backbone_options: ``revision``, ``cached_layers``, ``tiny`` (see ``BackboneOptions``).
+            metrics, bootstrap, seed: Evaluation metrics (default: the task's), resamples, seed.
+            progress: Show progress bars while training.
+        """
+        if task not in ("binary", "multiclass", "multilabel"):
+            raise ValueError(f"task must be binary, multiclass or multilabel, got '{task}'")
+        self.backbone_spec = backbone
+        self.backbone_options = as_model(BackboneOptions, backbone_options)
+        self.task = task
+        self.columns = {"text_column": text_column, "label_columns": label_columns, "id_column": id_column}
+        self.metrics, self.bootstrap, self.seed, self.progress = metrics, bootstrap, seed, progress
+        if stages is None:
+            stages = self._default_stages(
+                _spec(domain_adapter), _spec(task_adapter), train_domain_in_task_stage, domain_train,
+                task_train, StageOptions(max_length=block_length, max_blocks=max_blocks),
+                StageOptions(max_length=max_length, pooling=pooling, class_weights=class_weights),
+            )  # fmt: skip
+        self.stages = list(stages)
+        self._check_stages()
+        self.recipe: Recipe | None = None
+        self.options = ClinicalOptions()
+        self.model: Any = None
+        self.class_names: list[str] | None = None
+        self.train_results: dict[str, TrainResult] = {}
+        self._backbone: Backbone | None = backbone if isinstance(backbone, Backbone) else None
+
+    @staticmethod
+    def _default_stages(domain, task_spec, train_domain, domain_train, task_train, lm_options, cls_options):
+        stages = []
+        if domain is not None:
+            stages.append(
+                Stage("domain", "causal_lm", domain, ["domain"], _train_config(domain_train), lm_options)
+            )
+        trainable = (["domain"] if domain is not None and train_domain else []) + (
+            ["task"] if task_spec else []
+        )
+        stages.append(
+            Stage("task", "classification", task_spec, trainable, _train_config(task_train), cls_options)
+        )
+        return stages
+
+    def _check_stages(self) -> None:
+        heads = [s for s in self.stages if s.objective == "classification"]
+        if not heads:
+            raise StageError("the clinical pipeline needs a classification stage (it trains the head)")
+        if any(s.objective not in self.OBJECTIVES for s in self.stages):
+            bad = next(s for s in self.stages if s.objective not in self.OBJECTIVES)
+            raise StageError(
+                f"stage '{bad.name}' has objective '{bad.objective}'; use causal_lm or classification"
+            )
+        first = heads[0].options
+        for stage in heads[1:]:
+            if (stage.options.max_length, stage.options.pooling) != (first.max_length, first.pooling):
+                raise StageError(
+                    f"classification stage '{stage.name}' changes max_length or pooling; every "
+                    "classification stage must use the first one's"
+                )
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> ClinicalTwoStagePipeline:
+        """Build the pipeline a recipe describes (its options validated by ``ClinicalOptions``)."""
+        options = pipeline_options(recipe) or ClinicalOptions()
+        if len(options.stages) > len(recipe.stages):
+            raise StageError(
+                f"options give {len(options.stages)} stage option sets for {len(recipe.stages)} stages; "
+                "put options inside each stage"
+            )
+        stage_options = list(options.stages) + [StageOptions()] * (len(recipe.stages) - len(options.stages))
+        stages = [
+            Stage(s.name, s.objective, s.adapter, list(s.trainable or []), s.train, o)
+            for s, o in zip(recipe.stages, stage_options, strict=False)
+        ]
+        data = options.data
+        pipeline = cls(
+            backbone=recipe.backbone.name,
+            task=recipe.data.task or "binary",
+            stages=stages,
+            text_column=data.text_column,
+            label_columns=data.label_columns,
+            id_column=data.id_column,
+            backbone_options=options.backbone,
+            metrics=recipe.evaluation.metrics or None,
+            bootstrap=recipe.evaluation.bootstrap,
+            seed=recipe.seed,
+        )
+        pipeline.recipe, pipeline.options = recipe, options
+        return pipeline
+
+    # -- pieces shared by lab code and the recipe path ------------------------------------------------
+
+    @property
+    def backbone(self) -> Backbone:
+        """The loaded backbone (loaded on first use)."""
+        if self._backbone is None:
+            options = self.backbone_options
+            extra = dict(options.tiny) if self.backbone_spec == "tiny-random-llama" else {}
+            if options.revision:
+                extra["revision"] = options.revision
+            self._backbone = load_backbone(str(self.backbone_spec), extra)
+        return self._backbone
+
+    @property
+    def classification_options(self) -> StageOptions:
+        """Options of the first classification stage (tokens per note, pooling)."""
+        return next(s for s in self.stages if s.objective == "classification").options
+
+    def _notes(self, data: Any) -> Notes:
+        if isinstance(data, Notes):
+            return data
+        return notes_from_frame(data, task=self.task, **self.columns)
+
+    def new_model(self, num_classes: int) -> Any:
+        """Return the backbone with a fresh head and no adapters (removes adapters left by earlier runs)."""
+        from pipelines.core.peft import adapter_names, remove_adapter
+
+        lm = self.backbone.model
+        for name in reversed(adapter_names(lm)):
+            remove_adapter(lm, name)
+        return build_model(
+            self.backbone, self.task, num_classes, self.classification_options.pooling,
+            self.backbone_options.cached_layers, self.seed,
+        )  # fmt: skip
+
+    def train_stages(
+        self,
+        model: Any,
+        stages: list[Stage],
+        train_set: Any,
+        lm_sets: dict[int, Any],
+        run_dir: Path | None = None,
+        resume: bool = False,
+        on_lm_stage: Any = None,
+    ) -> dict[str, TrainResult]:
+        """Run ``stages`` in order on ``model``; ``lm_sets`` maps block length -> LMBlocks for stage 1."""
+        results = {}
+        pad = int(self.backbone.tokenizer.pad_token_id)
+        for stage in stages:
+            data = train_set if stage.objective == "classification" else lm_sets[stage.options.max_length]
+            stage_dir = None if run_dir is None else Path(run_dir) / stage.name
+            results[stage.name] = train_stage(
+                model, stage, data, self.task, pad, stage_dir, resume, self.seed, progress=self.progress
+            )
+            if stage.objective == "causal_lm" and on_lm_stage is not None:
+                on_lm_stage(stage)
+        return results
+
+    # -- lab code -----------------------------------------------------------------------------------
+
+    def fit(self, train: Any, val: Any = None, domain_texts: list[str] | None = None) -> TrainResult:
+        """Train every stage on ``train`` (a DataFrame of notes or Notes); stage 1 reads ``domain_texts``
+        (default: the training notes' texts). Returns the last stage's result."""
+        notes = self._notes(train)
+        self.class_names = notes.class_names
+        self.model = self.new_model(len(notes.class_names))
+        tokenizer, batch = self.backbone.tokenizer, 8
+        train_set = classification_data(
+            self.model, tokenizer, notes, self.classification_options.max_length, batch
+        )
+        texts = list(domain_texts) if domain_texts is not None else notes.texts
+        lm_sets = {
+            s.options.max_length: lm_data(
+                self.model, tokenizer, texts, s.options.max_length, s.options.max_blocks
+            )
+            for s in self.stages
+            if s.objective == "causal_lm"
+        }
+        self.train_results = self.train_stages(self.model, self.stages, train_set, lm_sets)
+        return list(self.train_results.values())[-1]
+
+    def _require_model(self) -> None:
+        if self.model is None:
+            raise RuntimeError("the pipeline has no trained model yet; call fit() (or run a recipe) first")
+
+    def predict(self, notes: Any) -> tuple[Any, Any]:
+        """Return ``(y_true, y_score)`` of the trained model on notes (DataFrame or Notes)."""
+        self._require_model()
+        notes = self._notes(notes)
+        data = classification_data(
+            self.model, self.backbone.tokenizer, notes, self.classification_options.max_length
+        )
+        return score(self.model, data, self.task, int(self.backbone.tokenizer.pad_token_id))
+
+    def evaluate(self, test: Any) -> EvaluationReport:
+        """Score the trained model on test notes with bootstrap intervals."""
+        y_true, y_score = self.predict(test)
+        return evaluate(self.task, y_true, y_score, self.metrics, self.bootstrap, self.seed)
+
+    def perplexity(self, texts: list[str], block_length: int = 512, max_blocks: int | None = 64) -> dict:
+        """Held-out perplexity of the current model's LM (adapters included) on ``texts``."""
+        self._require_model()
+        data = lm_data(self.model, self.backbone.tokenizer, list(texts), block_length, max_blocks)
+        return perplexity_of(self.model, data, 8, self.bootstrap, self.seed)
+
+    def save(self, directory: str | Path) -> dict[str, int]:
+        """Save the adapters (native + HF peft) and the head; returns bytes per saved folder."""
+        self._require_model()
+        return save_adapters(
+            self.model, Path(directory), {"task": self.task, "class_names": self.class_names}
+        )
+
+    # -- recipe path --------------------------------------------------------------------------------
+
+    def run(self, run_dir: Path, resume: bool = False) -> RunResult:
+        """Train the recipe's stages and its baselines, score the test split; the runner writes the report."""
+        from pipelines.clinical.recipe_run import run_recipe_pipeline
+
+        if self.recipe is None:
+            raise RuntimeError("run() needs a recipe; build the pipeline with from_recipe(), or use fit()")
+        return run_recipe_pipeline(self, Path(run_dir), resume)
