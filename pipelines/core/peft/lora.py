@@ -43,7 +43,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         ctx.save_for_backward(x, u, weight, a_cast, b_scaled)
         ctx.scaling = scaling
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out  # 2-D: a view made here could not be modified in place by the caller
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -181,7 +181,8 @@ class LoRAAdapter(nn.Module):
     def fused_forward(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         a_cast, b_scaled = self._cast_weights(x.dtype)
         a, b = self.lora_A.weight, self.lora_B.weight
-        return _FusedLoRALinear.apply(x, base.weight, base.bias, a, b, a_cast, b_scaled, self.scaling)
+        out = _FusedLoRALinear.apply(x, base.weight, base.bias, a, b, a_cast, b_scaled, self.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta(self, base: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The adapter's addition to the base output (DoRA's rescaling of the base output included)."""
