@@ -16,6 +16,9 @@ import gc
 import json
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,6 +120,23 @@ def run_gpu(names: list[str], steps: int, compile: bool = False) -> list[dict]:
     return rows
 
 
+def run_gpu_isolated(names: list[str], steps: int, compile: bool) -> list[dict]:
+    """Each configuration in a fresh process, so no allocator or clock state carries from one to the next."""
+    rows = []
+    for name in names:
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder) / "row.json"
+            command = [sys.executable, __file__, "--device", "cuda", "--configs", name, "--steps", str(steps)]
+            command += ["--json", str(out), "--in-process"] + (["--compile"] if compile else [])
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            rows += json.loads(out.read_text())["rows"]
+        print(
+            f"{rows[-1]['config']:22s} {rows[-1]['step_ms']:8.1f} ms {rows[-1]['peak_gib']:7.2f} GiB",
+            flush=True,
+        )
+    return rows
+
+
 def run_cpu(steps: int) -> list[dict]:
     shape = SHAPES["small"]
     base = build_model(shape, torch.float32, "cpu").state_dict()
@@ -145,13 +165,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--configs", default="full,floor,hf_peft,hf_peft_no_autocast,ours")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model's forward (GPU)")
+    parser.add_argument("--in-process", action="store_true", help="GPU: all configurations in this process")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/lora_step.json"))
     args = parser.parse_args()
     if args.device == "cuda":
-        rows, device = (
-            run_gpu(args.configs.split(","), args.steps, args.compile),
-            torch.cuda.get_device_name(),
-        )
+        run = run_gpu if args.in_process else run_gpu_isolated
+        rows, device = run(args.configs.split(","), args.steps, args.compile), torch.cuda.get_device_name()
     else:
         torch.manual_seed(0)
         rows, device = (
