@@ -43,3 +43,14 @@ def weighted_loss(out: torch.Tensor, seed: int = 2) -> torch.Tensor:
     """A loss with random weights, so no gradient vanishes by symmetry (a plain sum would, after a norm)."""
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     return (out.float() * weights).sum()
+
+
+def tiny_llama() -> nn.Module:
+    """A 2-layer random LlamaForCausalLM: hidden 32, 4 heads, 2 key-value heads, vocabulary 64."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()

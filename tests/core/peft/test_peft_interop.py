@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from peft_testing import perturb_adapters
+from peft_testing import tiny_llama as make_tiny_llama
 
 from pipelines.core.peft import LoRA, adapter_names, add_adapter, load_adapter, merge, save_adapter
 
@@ -19,11 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 @pytest.fixture(scope="module")
 def tiny_llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
+    return make_tiny_llama()
 
 
 @pytest.fixture
