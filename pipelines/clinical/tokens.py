@@ -98,7 +98,7 @@ class ClassificationSet(Dataset):
         if empty:
             raise ValueError(f"{len(empty)} notes have no tokens (positions {empty[:5]}); drop empty notes")
         self.tokens = [torch.tensor(t, dtype=torch.long) for t in token_lists]
-        self.labels = torch.as_tensor(np.asarray(labels))
+        self.labels = torch.tensor(np.array(labels))
         self.prefix: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:

@@ -1,0 +1,184 @@
+"""The clinical pipeline end to end on a tiny random Llama: training, stacking, saving, HF peft export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipelines.clinical.backbones import load_backbone
+from pipelines.clinical.pipeline import ClinicalTwoStagePipeline
+from pipelines.clinical.stages import StageError, classification_data, lm_data, load_adapters, score
+from pipelines.core.peft import adapter_names
+from pipelines.core.registry import create_pipeline
+
+TOP = ["re:.*layers\\.1\\.self_attn\\.(q|v)_proj"]
+DOMAIN = {"method": "lora", "r": 4, "alpha": 8, "targets": TOP}
+TASK = {"method": "lora", "r": 4, "alpha": 4, "dropout": 0.1, "targets": TOP}
+
+
+@pytest.fixture
+def frame(synthetic_notes):
+    ids, texts, labels = synthetic_notes(n=40)
+    return pd.DataFrame({"note_id": ids, "text": texts, "label": labels})
+
+
+def _pipeline(train_domain: bool, cached: int = 1) -> ClinicalTwoStagePipeline:
+    return create_pipeline(
+        "clinical/two_stage",
+        backbone="tiny-random-llama",
+        domain_adapter=DOMAIN,
+        task_adapter=TASK,
+        train_domain_in_task_stage=train_domain,
+        domain_train={"epochs": 3, "batch_size": 4, "lr": 2e-2, "log_every": 1},
+        task_train={"epochs": 4, "batch_size": 8, "lr": 2e-2, "log_every": 1},
+        block_length=32,
+        max_length=48,
+        id_column="note_id",
+        backbone_options={"cached_layers": cached},
+        bootstrap=50,
+        progress=False,
+    )
+
+
+def _domain_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.lm.named_parameters() if ".domain." in n}
+
+
+def test_stage_two_with_a_frozen_domain_adapter_leaves_it_bit_identical(frame):
+    pipe = _pipeline(train_domain=False)
+    notes = pipe._notes(frame)
+    model = pipe.new_model(2)
+    tokenizer = pipe.backbone.tokenizer
+    train_set = classification_data(model, tokenizer, notes, 48)
+    lm_sets = {32: lm_data(model, tokenizer, notes.texts, 32, None)}
+    domain, task = pipe.stages
+    first = pipe.train_stages(model, [domain], train_set, lm_sets)["domain"]
+    losses = [row["loss"] for row in first.history if "loss" in row]
+    assert losses[-1] < losses[0]  # the causal-LM objective learns the notes
+    before = _domain_tensors(model)
+    assert before and any(".lora_B." in n and p.abs().sum() > 0 for n, p in before.items())
+    second = pipe.train_stages(model, [task], train_set, lm_sets)["task"]
+    losses = [row["loss"] for row in second.history if "loss" in row]
+    assert losses[-1] < losses[0]
+    after = _domain_tensors(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert adapter_names(model.lm) == ["domain", "task"]
+    task_b = next(p for n, p in model.lm.named_parameters() if ".task." in n and "lora_B" in n)
+    assert task_b.abs().sum() > 0
+
+
+def test_trainable_domain_changes_in_stage_two_and_adapters_reload_exactly(frame, tmp_path):
+    pipe = _pipeline(train_domain=True)
+    pipe.fit(frame.iloc[:30])
+    assert pipe.stages[1].trainable == ["domain", "task"]
+    trained = {
+        n.split(".adapters.")[1].split(".")[0] for n, p in pipe.model.lm.named_parameters() if p.requires_grad
+    }
+    assert trained == {"domain", "task"}  # both adapters trained in stage 2 (variant d)
+    y_true, y_score = pipe.predict(frame.iloc[30:])
+    sizes = pipe.save(tmp_path / "adapters")
+    assert set(sizes) == {"domain", "domain/peft", "task", "task/peft", "classifier"}
+    fresh = pipe.new_model(2)  # same backbone, no adapters, a new head
+    load_adapters(fresh, tmp_path / "adapters", ["domain", "task"])
+    data = classification_data(fresh, pipe.backbone.tokenizer, pipe._notes(frame.iloc[30:]), 48)
+    again = score(fresh, data, "binary", 0)
+    assert np.array_equal(again[1], y_score) and np.array_equal(again[0], y_true)
+    report = pipe.evaluate(frame.iloc[30:])
+    assert 0.0 <= report["auroc"].value <= 1.0
+
+
+def test_peft_export_loads_in_hf_peft_with_identical_logits(frame, tmp_path):
+    peft = pytest.importorskip("peft")
+    pipe = _pipeline(train_domain=True, cached=0)
+    pipe.fit(frame.iloc[:20])
+    pipe.save(tmp_path)
+    ids = torch.tensor([[5, 60, 70, 80, 90, 100, 7]])
+    pipe.model.eval()
+    with torch.no_grad():
+        ours = pipe.model.lm(input_ids=ids).logits
+    oracle_lm = load_backbone("tiny-random-llama").model  # same seed: the same base weights
+    oracle = peft.PeftModel.from_pretrained(
+        oracle_lm, str(tmp_path / "domain" / "peft"), adapter_name="domain"
+    )
+    with torch.no_grad():
+        domain_only = oracle(input_ids=ids).logits
+    oracle.load_adapter(str(tmp_path / "task" / "peft"), adapter_name="task")
+    oracle.base_model.set_adapter(["domain", "task"])
+    oracle.eval()
+    with torch.no_grad():
+        stacked = oracle(input_ids=ids).logits
+    torch.testing.assert_close(stacked, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(domain_only, ours, atol=1e-4)  # the task adapter matters
+
+
+def test_cached_layers_refuse_adapters_below_them(frame):
+    pipe = create_pipeline(
+        "clinical/two_stage",
+        backbone="tiny-random-llama",
+        domain_adapter=None,
+        task_adapter={"method": "lora", "r": 2, "targets": ["q_proj"]},
+        backbone_options={"cached_layers": 1},
+        progress=False,
+    )
+    with pytest.raises(StageError, match=r"'model\.layers\.0\.self_attn\.q_proj' sits in layer 0, below"):
+        pipe.fit(frame)
+
+
+def test_quick_recipe_runs_end_to_end_with_baselines_and_private_outputs(frame, tmp_path):
+    from pipelines.core.runner import run_recipe
+
+    notes_file = tmp_path / "notes.csv"
+    frame.assign(text=frame["text"] + " PRIVATE").to_csv(notes_file, index=False)
+    recipe = {
+        "name": "tiny_two_stage",
+        "pipeline": "clinical/two_stage",
+        "backbone": {"name": "tiny-random-llama", "options": {"cached_layers": 1}},
+        "data": {
+            "dataset": str(notes_file),
+            "task": "binary",
+            "options": {"id_column": "note_id", "split": {"train": 0.5, "val": 0.1, "test": 0.4}},
+        },
+        "stages": [
+            {"name": "domain", "objective": "causal_lm", "adapter": DOMAIN,
+             "train": {"epochs": 1, "batch_size": 4, "lr": 1e-2},
+             "options": {"max_length": 32, "eval_blocks": 4}},
+            {"name": "task", "objective": "classification", "adapter": TASK, "trainable": ["domain", "task"],
+             "train": {"epochs": 2, "batch_size": 8, "lr": 1e-2}, "options": {"max_length": 48}},
+        ],
+        "evaluation": {"metrics": ["auroc", "accuracy"], "bootstrap": 50, "headline": "auroc"},
+        "compare": ["head_only", "single_stage_lora"],
+        "output_dir": str(tmp_path / "runs"),
+    }  # fmt: skip
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = run_recipe(path)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["headline"]["model"] == "two_stage" and report["headline"]["metric"] == "auroc"
+    assert set(report["results"]) == {
+        "two_stage",
+        "head_only",
+        "single_stage_lora",
+        "base_lm",
+        "after_domain",
+    }
+    assert (
+        report["results"]["after_domain"]["perplexity"]["value"]
+        < report["results"]["base_lm"]["perplexity"]["value"]
+    )
+    assert report["parameters"]["head_only"]["trainable"] == 33  # hidden 32 + bias, binary head
+    assert (
+        report["parameters"]["two_stage"]["trainable"]
+        > report["parameters"]["single_stage_lora"]["trainable"]
+    )
+    assert report["dataset"]["splits"] == {"train": 20, "test": 16}
+    splits = json.loads((run_dir / "splits.json").read_text())
+    assert len(splits["ids"]["train"]) == 20 and not set(splits["ids"]["train"]) & set(splits["ids"]["test"])
+    for file in run_dir.rglob("*"):
+        if file.is_file() and file.suffix in (".json", ".jsonl", ".md", ".yaml", ".safetensors"):
+            assert b"PRIVATE" not in file.read_bytes(), file
+    assert (run_dir / "adapters" / "domain" / "peft" / "adapter_config.json").is_file()
