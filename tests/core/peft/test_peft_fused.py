@@ -1,0 +1,140 @@
+"""The fused LoRA Linear path against the plain autograd path: values, gradients, the cast cache."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft_testing import perturb_adapters, relative_error
+from torch import nn
+
+from pipelines.core.peft import LoRA, add_adapter
+from pipelines.core.peft.lora import LoRAAdapter
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the forwards that take the fused path."""
+    calls = []
+    original = LoRAAdapter.fused_forward
+
+    def counting(self, base, x):
+        calls.append(x.dtype)
+        return original(self, base, x)
+
+    monkeypatch.setattr(LoRAAdapter, "fused_forward", counting)
+    return calls
+
+
+def lora_linear(dtype: torch.dtype = torch.float32, **options) -> nn.Module:
+    model = nn.Sequential(OrderedDict(proj=nn.Linear(16, 12))).to(dtype)
+    add_adapter(model, LoRA(r=4, alpha=8, targets=["proj"], **options))
+    perturb_adapters(model, scale=0.3)
+    return model
+
+
+def plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA Linear as a chain of F.linear, adapter weights cast to the activation dtype."""
+    layer = model.proj
+    adapter = layer.adapters["default"]
+    a, b = adapter.lora_A.weight, adapter.lora_B.weight
+    base = F.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+    return base + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * adapter.scaling
+
+
+def gradients(fn, model: nn.Module, x: torch.Tensor, inplace: bool = False) -> list[torch.Tensor]:
+    """(output, grad x, grad A, grad B) of a random-weighted loss."""
+    adapter = model.proj.adapters["default"]
+    model.zero_grad()
+    x = x.detach().requires_grad_(True)
+    out = fn(x)
+    if inplace:  # as fair-esm's attention does with q *= scaling
+        out *= 0.5
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
+    (out * weights).sum().backward()
+    return [out.detach(), x.grad, adapter.lora_A.weight.grad, adapter.lora_B.weight.grad]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["plain-output", "inplace-on-output"])
+def test_fused_float32_matches_plain_autograd(fused_calls, inplace):
+    model = lora_linear().train()
+    x = torch.randn(2, 5, 16)
+    fused = gradients(model, model, x, inplace)
+    assert fused_calls == [torch.float32]
+    reference = gradients(lambda h: plain(model, h), model, x, inplace)
+    for got, expected, what in zip(fused, reference, ["output", "x", "A", "B"], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=what)
+    assert fused[2].dtype == fused[3].dtype == torch.float32
+
+
+def test_fused_bfloat16_matches_plain_autograd_within_bf16_tolerance(fused_calls):
+    model = lora_linear(torch.bfloat16).train()
+    adapter = model.proj.adapters["default"]
+    assert adapter.lora_A.weight.dtype == torch.float32  # float32 master weights on a bf16 base
+    x = torch.randn(4, 5, 16, dtype=torch.bfloat16)
+    fused = gradients(model, model, x)
+    assert fused_calls == [torch.bfloat16]
+    assert fused[0].dtype == fused[1].dtype == torch.bfloat16  # activations are never upcast
+    assert fused[2].dtype == fused[3].dtype == torch.float32
+    reference = gradients(lambda h: plain(model, h), model, x)
+    for got, expected, what in zip(fused, reference, ["output", "x", "A", "B"], strict=True):
+        assert relative_error(got, expected) < 2e-2, what
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05),
+        lambda p: torch.optim.AdamW(p, lr=0.1, foreach=True),
+        lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),  # updates without bumping version counters
+    ],
+    ids=["sgd", "adamw-foreach", "adamw-fused"],
+)
+def test_cast_cache_refreshes_after_an_optimiser_step(fused_calls, dtype, optimizer):
+    model = lora_linear(dtype).train()
+    x = torch.randn(3, 16, dtype=dtype)
+    step = optimizer([p for p in model.parameters() if p.requires_grad])
+    for _ in range(2):
+        before = model(x)
+        (before.float() ** 2).sum().backward()
+        step.step()
+        step.zero_grad()
+        with torch.no_grad():
+            after, expected = model(x), plain(model, x)
+        tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+        assert relative_error(after, expected) < tolerance
+        assert relative_error(before, expected) > 10 * tolerance  # a stale cache would give `before`
+    assert len(fused_calls) == 4
+
+
+def test_cache_from_inference_mode_is_not_reused_for_training(fused_calls):
+    model = lora_linear(torch.bfloat16).train()
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        evaluated = model(x)
+    trained = model(x)
+    trained.float().sum().backward()  # "Inference tensors cannot be saved for backward" before the fix
+    assert torch.equal(trained.detach(), evaluated)
+    assert model.proj.adapters["default"].lora_B.weight.grad is not None
+    assert len(fused_calls) == 2
+
+
+@pytest.mark.parametrize("case", ["dropout", "trainable-base", "autocast", "dora"])
+def test_plain_path_where_the_fused_one_does_not_apply(fused_calls, case):
+    model = lora_linear(dropout=0.5 if case == "dropout" else 0.0, use_dora=case == "dora").train()
+    if case == "trainable-base":
+        model.proj.base_layer.requires_grad_(True)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        model(x)
+    assert fused_calls == []
+    if case in ("dropout", "dora"):  # eval mode, no dropout: dropout case takes the fused path again
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        assert len(fused_calls) == (1 if case == "dropout" else 0)
+        if case == "dropout":
+            torch.testing.assert_close(out, plain(model, x), atol=1e-6, rtol=0)
