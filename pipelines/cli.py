@@ -23,18 +23,10 @@ _KINDS = ("pipelines", "recipes", "datasets")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.core.runner import run_recipe
+    from pipelines.core.runner import run_recipe, summary_line
 
     run_dir = run_recipe(args.recipe, args.overrides, resume=args.resume, output_dir=args.output_dir)
-    print(f"run directory: {run_dir}")
-    report = run_dir / "report.json"
-    if report.is_file():
-        headline = json.loads(report.read_text(encoding="utf-8")).get("headline", {})
-        if headline:
-            print(
-                f"{headline.get('metric')} ({headline.get('model')}): {headline.get('value')} "
-                f"[{headline.get('low')}, {headline.get('high')}]; full report: {run_dir / 'report.md'}"
-            )
+    print(summary_line(run_dir))
     return 0
 
 

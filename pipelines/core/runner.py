@@ -27,7 +27,15 @@ from pipelines.core.recipe import (
 )
 from pipelines.core.recipe_yaml import RecipeValidationError
 
-__all__ = ["DEMO_RECIPES", "RunError", "run_recipe", "run_demo", "seed_everything", "write_demo_index"]
+__all__ = [
+    "DEMO_RECIPES",
+    "RunError",
+    "run_recipe",
+    "run_demo",
+    "seed_everything",
+    "summary_line",
+    "write_demo_index",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +222,19 @@ def _greater_is_better(metric: str) -> bool:
         return get_metric(metric).greater_is_better
     except (ImportError, ValueError):  # a domain metric whose domain is not imported here
         return metric not in LOWER_IS_BETTER
+
+
+def summary_line(run_dir: Path) -> str:
+    """One line for the end of a run: the headline with its interval and where the report is."""
+    report_file = Path(run_dir) / "report.json"
+    if not report_file.is_file():
+        return f"run directory: {run_dir} (no report.json)"
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    headline = report["headline"]
+    return (
+        f"{report['name']}: {headline['metric']} {_interval(headline)} ({headline['model']}), "
+        f"{_comparison(report)}; report: {Path(run_dir) / 'report.md'}"
+    )
 
 
 def _comparison(report: Mapping[str, Any]) -> str:
