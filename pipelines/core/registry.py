@@ -23,6 +23,8 @@ __all__ = [
     "get_pipeline_entry",
     "list_pipelines",
     "import_domains",
+    "describe_pipelines",
+    "unregister_pipeline",
 ]
 
 # name prefix -> module that registers that domain's pipelines (and, through its data module, datasets)
