@@ -83,8 +83,11 @@ def _select(model: nn.Module, targets: list[str], what: str) -> list[LogicalModu
     if not found:
         names = [item.name for item in logical_modules(model)]
         keys = [t for t in targets if not t.startswith(("re:", "type:", "__"))] or targets
-        close = sorted({n for key in keys for n in difflib.get_close_matches(key, names, n=5, cutoff=0.3)})
+        # Leaf names too: a typo of "q_proj" is far from "model.layers.0.self_attn.q_proj" as a whole.
+        candidates = sorted({n.rsplit(".", 1)[-1] for n in names}) + names
+        close = sorted({n for k in keys for n in difflib.get_close_matches(k, candidates, n=5, cutoff=0.3)})
         close += sorted({n.rsplit(".", 1)[-1] for n in names if any(k in n for k in keys)})[:5]
+        close = list(dict.fromkeys(close))
         hint = f"; closest module names: {', '.join(close[:8])}" if close else ""
         raise ValueError(f"{what} targets {targets} match no module of {type(model).__name__}{hint}.")
     return found
