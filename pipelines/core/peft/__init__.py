@@ -5,7 +5,7 @@ Every domain pipeline adapts its backbone through this module only.
 
 from __future__ import annotations
 
-from .files import load_adapter, save_adapter
+from .files import convert_adapter, load_adapter, save_adapter
 from .inject import (
     ParameterCount,
     adapter_names,
@@ -36,7 +36,8 @@ from .specs import (
 
 __all__ = [
     "ADAPTER_METHODS", "IA3", "SSF", "AdapterSpec", "BitFit", "Bottleneck", "LoRA", "NormTuning",
-    "ParameterCount", "PromptTuning", "adapter_names", "adapter_specs", "add_adapter", "count_parameters",
-    "disable_adapters", "extend_attention_mask", "load_adapter", "merge", "merge_and_unload",
-    "remove_adapter", "save_adapter", "set_trainable", "spec_from_dict", "spec_to_dict", "unmerge",
+    "ParameterCount", "PromptTuning", "adapter_names", "adapter_specs", "add_adapter", "convert_adapter",
+    "count_parameters", "disable_adapters", "extend_attention_mask", "load_adapter", "merge",
+    "merge_and_unload", "remove_adapter", "save_adapter", "set_trainable", "spec_from_dict", "spec_to_dict",
+    "unmerge",
 ]  # fmt: skip

@@ -68,12 +68,16 @@ def save_adapter(
         raise ValueError(f"The model has no adapter named {name!r}; it has {names}.")
     spec = adapter_specs(model)[name]
     tensors, paths = _adapter_tensors(model, name)
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if format == "peft":
         if extra:
             raise ValueError("format='peft' saves LoRA weights only; save heads in the native format.")
-        tensors, config = _to_peft(model, spec, name, tensors, paths)
+        blocker = _peft_blocker(model, spec, name, paths)
+        if blocker:
+            raise ValueError(blocker)
+        tensors, config = _peft_files(spec, tensors, paths, base_name)
     elif format == "native":
         heads = []
         for item in _select(model, list(extra), "save_adapter extra") if extra else []:
@@ -81,7 +85,8 @@ def save_adapter(
             for key, value in item.module.state_dict().items():
                 tensors[f"{item.name}.{key}"] = value.detach().contiguous()
         config = {"format": "peft-pipelines", "name": name, "spec": spec_to_dict(spec), "modules": paths,
-                  "extra_modules": heads}  # fmt: skip
+                  "extra_modules": heads, "peft_blocker": _peft_blocker(model, spec, name, paths),
+                  "base_model_name_or_path": base_name}  # fmt: skip
     else:
         raise ValueError(f"Unknown adapter format {format!r}; use 'native' or 'peft'.")
     _atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -89,20 +94,24 @@ def save_adapter(
     return directory
 
 
-def _to_peft(model, spec, name, tensors, paths) -> tuple[dict[str, torch.Tensor], dict]:
+def _peft_blocker(model: nn.Module, spec, name: str, paths: list[str]) -> str | None:
+    """Why adapter `name` cannot be written in HF peft's format, or None when it can."""
     if not isinstance(spec, LoRA):
-        raise ValueError(f"Adapter {name!r} is {spec.method}; the HF peft format is written for LoRA only.")
+        return f"Adapter {name!r} is {spec.method}; the HF peft format is written for LoRA only."
     for path, wrapper in wrappers(model):
         if path in paths:
             base = wrapper.base_layer
             if not isinstance(base, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) or (
                 getattr(base, "groups", 1) != 1 or any(d != 1 for d in getattr(base, "dilation", (1,)))
             ):
-                raise ValueError(
+                return (
                     f"HF peft computes LoRA on {path!r} ({type(base).__name__}) differently; "
                     "export it in the native format."
                 )
-    model_config = getattr(model, "config", None)
+    return None
+
+
+def _peft_files(spec: LoRA, tensors, paths, base_name) -> tuple[dict[str, torch.Tensor], dict]:
     renamed = {}
     for key, value in tensors.items():
         key = key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")
@@ -112,9 +121,33 @@ def _to_peft(model, spec, name, tensors, paths) -> tuple[dict[str, torch.Tensor]
         "lora_dropout": spec.dropout, "target_modules": paths, "use_dora": spec.use_dora,
         "use_rslora": spec.use_rslora, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True if spec.init == "default" else spec.init, "modules_to_save": None,
-        "inference_mode": True, "base_model_name_or_path": getattr(model_config, "_name_or_path", None),
+        "inference_mode": True, "base_model_name_or_path": base_name,
     }  # fmt: skip
     return renamed, config
+
+
+def convert_adapter(source: str | Path, target: str | Path, format: str) -> Path:
+    """Rewrites a saved adapter in the other format ("native" <-> "peft") without needing its model."""
+    source, target = Path(source), Path(target)
+    config, tensors = _read(source)
+    native = config.get("format") == "peft-pipelines"
+    if format == "peft" and native:
+        if config.get("peft_blocker") or config.get("extra_modules"):
+            reason = config.get("peft_blocker") or "it holds head modules, which HF peft files do not carry"
+            raise ValueError(f"{source} cannot be converted to the HF peft format: {reason}")
+        spec = spec_from_dict(config["spec"])
+        tensors, config = _peft_files(spec, tensors, config["modules"], config.get("base_model_name_or_path"))
+    elif format == "native" and not native:
+        spec, paths, tensors = _from_peft(config, tensors, source)
+        config = {"format": "peft-pipelines", "name": "default", "spec": spec_to_dict(spec), "modules": paths,
+                  "extra_modules": [], "peft_blocker": None,
+                  "base_model_name_or_path": config.get("base_model_name_or_path")}  # fmt: skip
+    elif format not in ("native", "peft"):
+        raise ValueError(f"Unknown adapter format {format!r}; use 'native' or 'peft'.")
+    target.mkdir(parents=True, exist_ok=True)
+    _atomic_write(target / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(target / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return target
 
 
 def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
