@@ -1,6 +1,7 @@
-"""Training checkpoints without pickle: tensors in safetensors files, everything else in JSON.
+"""What a training run keeps in its run_dir: pickle-free checkpoints and the metrics log.
 
-A checkpoint directory (`run_dir/checkpoints/last/`) holds:
+Checkpoints hold tensors in safetensors files and everything else in JSON. A checkpoint directory
+(`run_dir/checkpoints/last/`) holds:
 
 - `model.safetensors`: trainable parameters, plus buffers of modules that own a trainable parameter
   (e.g. BatchNorm statistics under norm tuning), keyed by their names in the model.
@@ -12,7 +13,7 @@ A checkpoint directory (`run_dir/checkpoints/last/`) holds:
   early-stopping state and the metrics history.
 
 Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written `last`.
+half-written `last`. `RunLog` writes `run_dir/metrics.jsonl` (and TensorBoard) and draws the progress bar.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from pipelines.core.distributed import is_main_process, is_sharded, rank, world_size
 
@@ -357,3 +359,55 @@ def _swap_into_place(tmp: Path, directory: Path) -> None:
         os.replace(directory, backup)
     os.replace(tmp, directory)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+class RunLog:
+    """metrics.jsonl rows (appended to progress.history), optional TensorBoard and the tqdm bar."""
+
+    def __init__(self, run_dir: Path | None, state: Any, tensorboard: bool, show: bool, total: int):
+        self.state = state
+        main = is_main_process()
+        self.path = run_dir / "metrics.jsonl" if run_dir is not None and main else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The checkpoint's history is the truth: rows logged after it (before a crash) are dropped.
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in state.history))
+        self.writer = None
+        if tensorboard and main and run_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ImportError(
+                    "tensorboard: true needs the tensorboard package; pip install tensorboard "
+                    "or set tensorboard: false."
+                ) from error
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.bar = tqdm(
+            total=total,
+            initial=state.step,
+            disable=not (show and main),
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+        )
+
+    def step(self, loss: float, lr: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
+
+    def row(self, row: dict[str, Any]) -> None:
+        self.state.history.append(row)
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in {"step", "epoch"}:
+                    self.writer.add_scalar(
+                        key if key.startswith("val_") else f"train_{key}", value, row["step"]
+                    )
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -8,7 +8,6 @@ safetensors checkpoints with exact resume, Ctrl-C and NaN handling, and DDP/FSDP
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -22,7 +21,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from tqdm.auto import tqdm
 
 from pipelines.core import checkpoint as ckpt
 from pipelines.core import distributed as D
@@ -43,17 +41,10 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="Optimiser steps to run; overrides epochs.")
     batch_size: int = Field(8, ge=1, description="Samples per micro-batch per process.")
     grad_accum: int = Field(
-        1,
-        ge=1,
-        description="Micro-batches per optimiser step; global batch = batch_size x processes x grad_accum.",
+        1, ge=1, description="Micro-batches per optimiser step; global batch = batch_size x processes x this."
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(
-        0.0,
-        ge=0,
-        description="Decoupled weight decay on parameters with 2+ dims "
-        "(biases and norm weights never decay).",
-    )
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay, on 2+ dim parameters only.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (unused by adamw).")
     schedule: Literal["cosine", "linear", "constant"] = Field(
@@ -62,30 +53,26 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warmup.")
     clip_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null: off.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, float32 on CPU; bf16 also autocasts on CPU."
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
     )
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps; null: at each epoch end.")
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after N evaluations without improvement and restore the best state."
+        None, ge=1, description="Stop after N evaluations without improvement; restore the best state."
     )
-    early_stopping_metric: str = Field("loss", description="Evaluation metric to watch (loss = val loss).")
+    early_stopping_metric: str = Field("loss", description="Evaluation metric to watch (loss: val loss).")
     early_stopping_mode: Literal["min", "max"] = Field(
-        "min", description="Whether lower or higher is better."
+        "min", description="Whether a lower (min) or higher (max) metric is better."
     )
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as better.")
-    checkpoint_every: int | None = Field(
-        None, ge=1, description="Checkpoint every N steps (always at the end)."
-    )
+    checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and at the end).")
     log_every: int = Field(10, ge=1, description="Write a metrics.jsonl row every N steps (mean loss).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="Multi-process wrapping under torchrun (auto = ddp); unused in one process."
+        "auto", description="Model wrapping under torchrun (auto: ddp); unused in a single process."
     )
     tensorboard: bool = Field(False, description="Also log to run_dir/tensorboard (needs tensorboard).")
     device: str | None = Field(
-        None,
-        description="Device to train on; null: where the model is "
-        "(cuda:LOCAL_RANK under torchrun with CUDA).",
+        None, description="Device to train on; null: the model's (cuda:LOCAL_RANK under torchrun)."
     )
 
 
@@ -144,23 +131,27 @@ class _Progress:
 
 @dataclass
 class _Run:
-    """Everything the loop functions share, so they take one argument instead of twelve."""
+    """Everything the loop functions share, so each takes one argument instead of a dozen."""
 
     config: TrainConfig
     model: nn.Module
-    wrapped: nn.Module
+    wrapped: nn.Module  # what loss_fn receives: the DDP wrapper, or the model itself
     loss_fn: LossFn
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    device: torch.device
-    amp_dtype: torch.dtype | None
+    train_data: Dataset | DataLoader
+    val_data: Dataset | DataLoader | None
+    evaluate_fn: EvaluateFn | None
+    collate_fn: Callable | None
     seed: int
-    batches_per_epoch: int | None
-    total_steps: int
+    device: torch.device
     checkpoint_dir: Path | None
+    optimizer: torch.optim.Optimizer | None = None  # set by _prepare, like the fields below
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    amp_dtype: torch.dtype | None = None
+    batches_per_epoch: int | None = None
+    total_steps: int = 0
     progress: _Progress = field(default_factory=_Progress)
     best_state: dict[str, torch.Tensor] | None = None
-    rng_at_boundary: dict[str, Any] | None = None
+    rng_at_boundary: dict[str, Any] | None = None  # RNG states right after the last completed step
     saved_step: int | None = None
 
 
@@ -180,14 +171,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Returns the optimiser over the model's trainable parameters (no decay on 0/1-dim tensors)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
         raise ValueError("The model has no trainable parameters; add an adapter or call set_trainable first.")
     groups = [
-        {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    groups = [g for g in groups if g["params"]]
+    groups = [group for group in groups if group["params"]]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     return torch.optim.AdamW(groups, lr=config.lr)
@@ -197,7 +188,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total
     """Returns a per-step LambdaLR following `lr_factor` with warmup_ratio x total_steps warmup steps."""
     warmup = int(config.warmup_ratio * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule)
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, config.schedule)
     )
 
 
@@ -237,14 +228,21 @@ def train(
     run_dir = Path(run_dir) if run_dir is not None else None
     _check_arguments(config, train_data, val_data, evaluate_fn, run_dir, resume)
     D.setup_distributed()
-    run = _prepare(model, train_data, loss_fn, config, run_dir, seed)
+    device = torch.device(config.device) if config.device else D.default_device(model)
+    if config.device or D.world_size() > 1:
+        model.to(device)
+    ckpt.seed_everything(seed + D.rank())
+    wrapped = D.wrap_model(model, config.strategy, device)
+    run = _Run(config, model, wrapped, loss_fn, train_data, val_data, evaluate_fn, collate_fn, seed, device,
+               run_dir / "checkpoints" / "last" if run_dir is not None else None)  # fmt: skip
+    _prepare(run)
     if resume:
         _resume(run)
-    log = RunLog(run_dir, run.progress, config.tensorboard, progress, run.total_steps)
+    log = ckpt.RunLog(run_dir, run.progress, config.tensorboard, progress, run.total_steps)
     was_training = model.training
     model.train()
     try:
-        _loop(run, train_data, val_data, evaluate_fn, collate_fn, log, time.perf_counter())
+        _loop(run, log)
     except KeyboardInterrupt:
         raise _interrupted(run) from None
     finally:
@@ -263,52 +261,32 @@ def _check_arguments(config, train_data, val_data, evaluate_fn, run_dir, resume)
         raise ValueError("early_stopping_patience needs val_data or evaluate_fn; pass one or unset it.")
     if run_dir is None and (resume or config.checkpoint_every is not None):
         raise ValueError("resume and checkpoint_every need a run_dir; pass run_dir=... to train().")
-    if isinstance(train_data, DataLoader) and D.launched_distributed():
-        if not isinstance(train_data.sampler, DistributedSampler):
-            raise ValueError(
-                "Under torchrun a train DataLoader needs a DistributedSampler; pass the Dataset "
-                "instead and train() shards it."
-            )
-
-
-def _prepare(model, train_data, loss_fn, config, run_dir, seed) -> _Run:
-    device = torch.device(config.device) if config.device else D.default_device(model)
-    if config.device or D.world_size() > 1:
-        model.to(device)
-    ckpt.seed_everything(seed + D.rank())
-    wrapped = D.wrap_model(model, config.strategy, device)
-    optimizer = build_optimizer(model, config)
-    batches = D.batches_per_epoch(train_data, config.batch_size)
-    if batches is None and config.max_steps is None:
-        raise ValueError("train_data has no length, so set max_steps in the train config.")
-    steps_per_epoch = math.ceil(batches / config.grad_accum) if batches else None
-    total = config.max_steps or config.epochs * steps_per_epoch
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    return _Run(
-        config=config,
-        model=model,
-        wrapped=wrapped,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, config, total),
-        device=device,
-        amp_dtype=_amp_dtype(config, device),
-        seed=seed,
-        batches_per_epoch=batches,
-        total_steps=total,
-        checkpoint_dir=run_dir / "checkpoints" / "last" if run_dir else None,
-    )
-
-
-def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if config.precision == "fp32" or (config.precision == "auto" and device.type != "cuda"):
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    sampler = getattr(train_data, "sampler", None)
+    if (
+        D.launched_distributed()
+        and isinstance(train_data, DataLoader)
+        and not isinstance(sampler, DistributedSampler)
+    ):
         raise ValueError(
-            f"precision {config.precision!r} needs bf16 support, which {device} lacks; set precision: fp32."
+            "Under torchrun a train DataLoader needs a DistributedSampler; pass the Dataset instead."
         )
-    return torch.bfloat16
+
+
+def _prepare(run: _Run) -> None:
+    """Builds the optimiser (after wrapping: FSDP replaces parameters), the schedule and the step count."""
+    config = run.config
+    run.optimizer = build_optimizer(run.model, config)
+    run.batches_per_epoch = D.batches_per_epoch(run.train_data, config.batch_size)
+    if run.batches_per_epoch is None and config.max_steps is None:
+        raise ValueError("train_data has no length, so set max_steps in the train config.")
+    run.total_steps = config.max_steps or config.epochs * math.ceil(run.batches_per_epoch / config.grad_accum)
+    run.scheduler = build_scheduler(run.optimizer, config, run.total_steps)
+    if config.precision == "bf16" or (config.precision == "auto" and run.device.type == "cuda"):
+        if run.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision {config.precision} needs bf16, which {run.device} lacks; use fp32.")
+        run.amp_dtype = torch.bfloat16
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
 
 
 def _windows(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -322,22 +300,16 @@ def _windows(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield window
 
 
-def _loop(run: _Run, train_data, val_data, evaluate_fn, collate_fn, log: RunLog, started: float) -> None:
-    state = run.progress
+def _loop(run: _Run, log: ckpt.RunLog) -> None:
+    state, config = run.progress, run.config
     run.rng_at_boundary = ckpt.capture_rng(run.device)
+    started = time.perf_counter()
     while state.step < run.total_steps and not state.stopped_early:
         step_before = state.step
-        batches = D.epoch_batches(
-            train_data,
-            run.config.batch_size,
-            run.seed,
-            state.epoch,
-            state.batch_in_epoch,
-            collate_fn,
-            run.config.num_workers,
-            pin_memory=run.device.type == "cuda",
-        )
-        for window in _windows(batches, run.config.grad_accum):
+        batches = D.epoch_batches(run.train_data, config.batch_size, run.seed, state.epoch,
+                                  state.batch_in_epoch, run.collate_fn, config.num_workers,
+                                  pin_memory=run.device.type == "cuda")  # fmt: skip
+        for window in _windows(batches, config.grad_accum):
             lr = run.optimizer.param_groups[0]["lr"]
             loss, grad_norm = _optimizer_step(run, window)
             state.step += 1
@@ -346,7 +318,7 @@ def _loop(run: _Run, train_data, val_data, evaluate_fn, collate_fn, log: RunLog,
             state.elapsed_s += time.perf_counter() - started
             started = time.perf_counter()
             run.rng_at_boundary = ckpt.capture_rng(run.device)
-            _after_step(run, loss, grad_norm, lr, val_data, evaluate_fn, collate_fn, log)
+            _after_step(run, log, loss, grad_norm, lr)
             if state.step >= run.total_steps or state.stopped_early:
                 return
         if state.step == step_before and state.batch_in_epoch == 0:
@@ -355,28 +327,21 @@ def _loop(run: _Run, train_data, val_data, evaluate_fn, collate_fn, log: RunLog,
         state.batch_in_epoch = 0
 
 
-def _after_step(run: _Run, loss, grad_norm, lr, val_data, evaluate_fn, collate_fn, log: RunLog) -> None:
-    """Logs, evaluates (early stopping) and checkpoints after optimiser step `progress.step`."""
+def _after_step(run: _Run, log: ckpt.RunLog, loss: float, grad_norm: float | None, lr: float) -> None:
+    """Logs, evaluates (tracking early stopping) and checkpoints after optimiser step `progress.step`."""
     config, state = run.config, run.progress
     last = state.step >= run.total_steps
     log.step(loss, lr)
     state.pending_losses.append(loss)
     if state.step % config.log_every == 0 or last:
         row = {"step": state.step, "epoch": _epoch_float(run), "loss": float(np.mean(state.pending_losses))}
-        row |= {"lr": lr} | ({"grad_norm": grad_norm} if grad_norm is not None else {})
+        log.row(row | {"lr": lr} | ({"grad_norm": grad_norm} if grad_norm is not None else {}))
         state.pending_losses = []
-        log.row(row)
     epoch_ends = run.batches_per_epoch is not None and state.batch_in_epoch >= run.batches_per_epoch
-    due = (config.eval_every is not None and state.step % config.eval_every == 0) or (
-        config.eval_every is None and epoch_ends
-    )
-    if (val_data is not None or evaluate_fn is not None) and (due or last):
-        _evaluate_and_track(run, val_data, evaluate_fn, collate_fn, log)
-    if (
-        run.checkpoint_dir is not None
-        and config.checkpoint_every
-        and state.step % config.checkpoint_every == 0
-    ):
+    due = state.step % config.eval_every == 0 if config.eval_every else epoch_ends
+    if (run.val_data is not None or run.evaluate_fn is not None) and (due or last):
+        _evaluate_and_track(run, log)
+    if run.checkpoint_dir and config.checkpoint_every and state.step % config.checkpoint_every == 0:
         _save(run)
 
 
@@ -395,10 +360,9 @@ def _optimizer_step(run: _Run, window: list[Any]) -> tuple[float, float | None]:
             with _autocast(run):
                 loss = run.loss_fn(run.wrapped, D.move_to_device(batch, run.device))
             if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-                raise TypeError(
-                    f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                    f"{tuple(getattr(loss, 'shape', ()))}; reduce it with .mean()."
-                )
+                shape = tuple(getattr(loss, "shape", ()))
+                raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} {shape}; "
+                                "reduce it with .mean().")  # fmt: skip
             (loss / len(window)).backward()
         total += loss.detach().float()
     value = (D.all_reduce_sum(total / len(window)) / D.world_size()).item()
@@ -408,7 +372,7 @@ def _optimizer_step(run: _Run, window: list[Any]) -> tuple[float, float | None]:
     if run.config.clip_grad_norm is not None:
         params = [p for p in run.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, run.config.clip_grad_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if not math.isfinite(grad_norm):
             raise _non_finite(run, "gradient norm", grad_norm)
     run.optimizer.step()
@@ -423,18 +387,16 @@ def _autocast(run: _Run) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=run.device.type, dtype=run.amp_dtype)
 
 
-def _evaluate_and_track(run: _Run, val_data, evaluate_fn, collate_fn, log: RunLog) -> None:
+def _evaluate_and_track(run: _Run, log: ckpt.RunLog) -> None:
     config, state = run.config, run.progress
-    metrics = _evaluate(run, val_data, evaluate_fn, collate_fn)
+    metrics = _evaluate(run)
     log.row({"step": state.step, "epoch": _epoch_float(run)} | {f"val_{k}": v for k, v in metrics.items()})
     name = config.early_stopping_metric
     if name not in metrics:
         if config.early_stopping_patience is None:
             return
-        raise ValueError(
-            f"early_stopping_metric {name!r} is not among the evaluation metrics "
-            f"{sorted(metrics)}; set it to one of them."
-        )
+        raise ValueError(f"early_stopping_metric {name!r} is not among the evaluation metrics "
+                         f"{sorted(metrics)}; set it to one of them.")  # fmt: skip
     value, best = metrics[name], state.best_metric
     sign = 1.0 if config.early_stopping_mode == "min" else -1.0
     if best is None or sign * (best - value) > config.early_stopping_min_delta:
@@ -447,16 +409,16 @@ def _evaluate_and_track(run: _Run, val_data, evaluate_fn, collate_fn, log: RunLo
         state.stopped_early = True
 
 
-def _evaluate(run: _Run, val_data, evaluate_fn, collate_fn) -> dict[str, float]:
-    """Returns rank 0's metrics on every rank; training RNG streams are left untouched."""
+def _evaluate(run: _Run) -> dict[str, float]:
+    """Returns rank 0's metrics on every rank; the training RNG streams are left untouched."""
     target = D.unwrap_model(run.wrapped)
     target.eval()
     saved_rng = ckpt.capture_rng(run.device)
     try:
-        if evaluate_fn is not None:
-            metrics = {k: float(v) for k, v in evaluate_fn(target).items()}
+        if run.evaluate_fn is not None:
+            metrics = {key: float(value) for key, value in run.evaluate_fn(target).items()}
         else:
-            metrics = {"loss": _validation_loss(run, target, val_data, collate_fn)}
+            metrics = {"loss": _validation_loss(run, target)}
     finally:
         ckpt.restore_rng(saved_rng, run.device)
         target.train()
@@ -464,12 +426,14 @@ def _evaluate(run: _Run, val_data, evaluate_fn, collate_fn) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _validation_loss(run: _Run, model: nn.Module, val_data, collate_fn) -> float:
+def _validation_loss(run: _Run, model: nn.Module) -> float:
+    """Returns the sample-weighted mean of loss_fn over val_data (sharded across DDP processes)."""
+    val_data = run.val_data
     if not isinstance(val_data, DataLoader):
+        # FSDP forwards are collective, so every rank must run the same batches: no sharding there.
+        indices = range(len(val_data)) if D.is_sharded(run.model) else D.shard_indices(len(val_data))
         val_data = DataLoader(
-            Subset(val_data, D.shard_indices(len(val_data))),
-            batch_size=run.config.batch_size,
-            collate_fn=collate_fn,
+            Subset(val_data, indices), batch_size=run.config.batch_size, collate_fn=run.collate_fn
         )
     total, count = 0.0, 0
     for batch in val_data:
@@ -493,12 +457,8 @@ def _save(run: _Run) -> None:
 
 
 def _payload(run: _Run) -> dict[str, Any]:
-    return {
-        "progress": asdict(run.progress),
-        "scheduler": run.scheduler.state_dict(),
-        "world_size": D.world_size(),
-        "total_steps": run.total_steps,
-    }
+    return {"progress": asdict(run.progress), "scheduler": run.scheduler.state_dict(),
+            "world_size": D.world_size(), "total_steps": run.total_steps}  # fmt: skip
 
 
 def _interrupted(run: _Run) -> TrainingInterrupted:
@@ -520,110 +480,45 @@ def _interrupted(run: _Run) -> TrainingInterrupted:
 
 
 def _non_finite(run: _Run, what: str, value: float) -> NonFiniteLossError:
-    step = run.progress.step + 1
-    if run.saved_step is not None:
+    step, saved = run.progress.step + 1, run.saved_step is not None
+    if saved:
         where = f"the last good checkpoint is at {run.checkpoint_dir} (step {run.saved_step})"
     else:
         where = "no checkpoint was written before it (set checkpoint_every and a run_dir to keep one)"
     lr = run.optimizer.param_groups[0]["lr"]
-    message = (
-        f"Training stopped: the {what} at step {step} is {value}; {where}. Lower the learning rate "
-        f"(lr is {lr:.3g}) or enable clip_grad_norm, then resume with {RESUME_HINT}."
-    )
-    return NonFiniteLossError(
-        message, step, value, run.checkpoint_dir if run.saved_step is not None else None
-    )
+    message = (f"Training stopped: the {what} at step {step} is {value}; {where}. Lower the learning rate "
+               f"(lr is {lr:.3g}) or enable clip_grad_norm, then resume with {RESUME_HINT}.")  # fmt: skip
+    return NonFiniteLossError(message, step, value, run.checkpoint_dir if saved else None)
 
 
 def _resume(run: _Run) -> None:
-    loaded = ckpt.restore_training_checkpoint(
-        run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.device
-    )
+    loaded = ckpt.restore_training_checkpoint(run.checkpoint_dir, run.model, run.optimizer, run.scheduler,
+                                              run.device)  # fmt: skip
     if loaded is None:
         logger.warning("resume: no checkpoint at %s, starting from step 0.", run.checkpoint_dir)
         return
     run.progress = _Progress(**loaded.state["progress"])
     run.best_state = loaded.best_model
     run.saved_step = run.progress.step
-    if ckpt.rng_for_rank(loaded, D.rank()) is None:
+    if ckpt.rng_for_rank(loaded, D.rank()) is None:  # after Ctrl-C in a multi-process run
         ckpt.seed_everything(run.seed + D.rank() + 1_000_003 * run.progress.step)
 
 
 def _result(run: _Run, restored: bool) -> TrainResult:
-    state = run.progress
-    notes = []
-    if state.stopped_early:
-        notes.append(f"early stopping after {state.bad_evals} evaluations without improvement")
+    state, metric = run.progress, run.config.early_stopping_metric
+    notes = (
+        [f"stopped early: {state.bad_evals} evaluations without improvement"] if state.stopped_early else []
+    )
     if restored:
         notes.append(
-            f"restored the best trainable state ({run.config.early_stopping_metric} "
-            f"{state.best_metric:.6g} at step {state.best_step})"
+            f"restored the best trainable state ({metric} {state.best_metric:.6g} at step {state.best_step})"
         )
     return TrainResult(
-        steps=state.step,
-        epochs=_epoch_float(run),
-        history=list(state.history),
-        best_metric=state.best_metric,
-        best_step=state.best_step,
-        metric_name=run.config.early_stopping_metric,
-        stopped_early=state.stopped_early,
-        restored_best=restored,
-        wall_time_s=state.elapsed_s,
+        steps=state.step, epochs=_epoch_float(run), history=list(state.history),
+        best_metric=state.best_metric, best_step=state.best_step, metric_name=metric,
+        stopped_early=state.stopped_early, restored_best=restored, wall_time_s=state.elapsed_s,
         peak_memory_bytes=D.peak_memory_bytes(run.device),
         samples_per_second=state.samples / state.elapsed_s if state.elapsed_s > 0 else 0.0,
         precision="bf16" if run.amp_dtype is not None else "fp32",
-        checkpoint=run.checkpoint_dir if run.saved_step is not None else None,
-        notes=notes,
-    )
-
-
-class RunLog:
-    """metrics.jsonl rows (appended to progress.history), optional TensorBoard and the tqdm bar."""
-
-    def __init__(self, run_dir: Path | None, state: _Progress, tensorboard: bool, show: bool, total: int):
-        self.state = state
-        main = D.is_main_process()
-        self.path = run_dir / "metrics.jsonl" if run_dir is not None and main else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # The checkpoint's history is the truth: rows logged after it (before a crash) are dropped.
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in state.history))
-        self.writer = None
-        if tensorboard and main and run_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise ImportError(
-                    "tensorboard: true needs the tensorboard package; pip install tensorboard "
-                    "or set tensorboard: false."
-                ) from error
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.bar = tqdm(
-            total=total,
-            initial=state.step,
-            disable=not (show and main),
-            unit="step",
-            desc="train",
-            dynamic_ncols=True,
-        )
-
-    def step(self, loss: float, lr: float) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
-
-    def row(self, row: dict[str, Any]) -> None:
-        self.state.history.append(row)
-        if self.path is not None:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key not in {"step", "epoch"}:
-                    self.writer.add_scalar(
-                        key if key.startswith("val_") else f"train_{key}", value, row["step"]
-                    )
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        checkpoint=run.checkpoint_dir if run.saved_step is not None else None, notes=notes,
+    )  # fmt: skip
