@@ -47,7 +47,7 @@ COMMON = textwrap.dedent(
 
     def config(batch_size, strategy):
         return TrainConfig(max_steps=3, batch_size=batch_size, lr=0.05, log_every=1, strategy=strategy,
-                           schedule="constant")
+                           schedule="constant", eval_every=2)
     """
 )
 
@@ -68,11 +68,11 @@ WORKER = (
     for strategy in ["ddp", "fsdp"]:
         model = Blocks()
         model.layers[0].bias.requires_grad_(False)  # a frozen parameter must not upset either wrapper
-        result = train(model, dataset(), mse, config(4, strategy), run_dir=f"{sys.argv[1]}/{strategy}",
-                       progress=False)
+        result = train(model, dataset(), mse, config(4, strategy), val_data=dataset(),
+                       run_dir=f"{sys.argv[1]}/{strategy}", progress=False)
         from pipelines.core.checkpoint import trainable_state
         state = trainable_state(model)
-        out[strategy] = {"losses": [row["loss"] for row in result.history],
+        out[strategy] = {"losses": [row.get("loss", row.get("val_loss")) for row in result.history],
                          "params": {k: v.tolist() for k, v in state.items()}}
     out["rank"], out["world_size"], out["main"] = D.rank(), D.world_size(), D.is_main_process()
     with open(f"{sys.argv[1]}/rank{D.rank()}.json", "w") as handle:
@@ -94,10 +94,13 @@ def single_process_reference() -> tuple[list[float], dict[str, torch.Tensor]]:
     exec(COMMON, namespace)  # noqa: S102 - the same source the workers run
     model = namespace["Blocks"]()
     model.layers[0].bias.requires_grad_(False)
+    data = namespace["dataset"]()
     result = train(
-        model, namespace["dataset"](), namespace["mse"], namespace["config"](8, "auto"), progress=False
+        model, data, namespace["mse"], namespace["config"](8, "auto"), val_data=data, progress=False
     )
-    return [row["loss"] for row in result.history], {k: v.detach() for k, v in model.named_parameters()}
+    assert ["val_loss" in row for row in result.history] == [False, False, True, False, True]
+    losses = [row.get("loss", row.get("val_loss")) for row in result.history]
+    return losses, {name: value.detach() for name, value in model.named_parameters()}
 
 
 @pytest.mark.slow
@@ -110,7 +113,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         env = os.environ | {
             "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }  # fmt: skip
         processes.append(
             subprocess.Popen(
@@ -137,7 +140,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
             torch.testing.assert_close(torch.tensor(value), reference_params[name], atol=1e-5, rtol=0)
         # only rank 0 writes, and the checkpoint records the world size
         rows = [json.loads(line) for line in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
-        assert [row["loss"] for row in rows] == pytest.approx(reference_losses, abs=1e-5)
+        assert [row.get("loss", row.get("val_loss")) for row in rows] == pytest.approx(
+            reference_losses, abs=1e-5
+        )
         state = json.loads((tmp_path / strategy / "checkpoints" / "last" / "trainer_state.json").read_text())
         assert state["world_size"] == 2 and state["progress"]["step"] == 3
         assert sorted(state["rng"]) == ["0", "1"]

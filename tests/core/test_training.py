@@ -355,3 +355,28 @@ def test_bf16_autocast_on_cpu_when_asked():
     assert seen == [torch.bfloat16] and result.precision == "bf16"
     train(linear(), regression_data(), loss_fn, TrainConfig(max_steps=1), progress=False)
     assert seen[-1] == torch.float32
+
+
+def test_tensorboard_flag_writes_events_or_names_the_missing_package(tmp_path):
+    config = TrainConfig(max_steps=2, batch_size=8, log_every=1, tensorboard=True)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="tensorboard: true needs the tensorboard package"):
+            train(linear(), regression_data(), mse, config, run_dir=tmp_path, progress=False)
+        return
+    train(linear(), regression_data(), mse, config, run_dir=tmp_path, progress=False)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_run_resumes_exactly_after_ctrl_c(tmp_path):
+    reference = run_six_steps(tmp_path / "a", device="cuda")
+    with pytest.raises(TrainingInterrupted):
+        run_six_steps(tmp_path / "b", loss_fn=stop_at_call(10, KeyboardInterrupt), device="cuda")
+    rng = load_file(tmp_path / "b" / "checkpoints" / "last" / "rng.safetensors")
+    assert set(rng) == {"rank0.torch", "rank0.cuda"}
+    resumed = run_six_steps(tmp_path / "b", resume=True, device="cuda")
+    assert_same_run(reference, resumed)
+    assert reference[0].precision == "bf16" and reference[0].peak_memory_bytes > 0
