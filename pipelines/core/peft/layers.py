@@ -84,6 +84,17 @@ class AdaptedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.disabled = False
 
+    def __getattr__(self, name: str):
+        # Code that reads a layer's attributes (`embed.weight`, `proj.in_features`) keeps working on the
+        # wrapper, as with HF peft's layers; the wrapper's own modules come first.
+        try:
+            return super().__getattr__(name)
+        except AttributeError as error:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if name.startswith("__") or base is None or not hasattr(base, name):
+                raise error from None
+            return getattr(base, name)
+
     def active(self) -> list[nn.Module]:
         if self.disabled:
             return []
