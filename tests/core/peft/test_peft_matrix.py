@@ -19,6 +19,7 @@ from pipelines.core.peft import (
     Bottleneck,
     LoRA,
     NormTuning,
+    PromptTuning,
     add_adapter,
     disable_adapters,
     load_adapter,
@@ -63,6 +64,7 @@ class Case:
     inputs: Callable[[], torch.Tensor]
     spec: object
     mergeable: bool = True
+    identity: bool = True
 
 
 LINEAR = lambda: nn.Linear(6, 7)  # noqa: E731
@@ -103,6 +105,8 @@ CASES = [
     Case("norm-groupnorm", lambda: affine_norm(nn.GroupNorm(2, 4)), image(), NormTuning()),
     Case("norm-rmsnorm", lambda: affine_norm(nn.RMSNorm(6)), tokens, NormTuning()),
     Case("norm-llama-rmsnorm", lambda: llama_rms_norm(6), tokens, NormTuning(targets=["layer"])),
+    Case("prompt-embedding", lambda: nn.Embedding(11, 6), lambda: torch.randint(0, 11, (2, 5)),
+         PromptTuning(num_tokens=2, insert_at=1, targets=["layer"]), False, False),
 ]  # fmt: skip
 
 
@@ -123,7 +127,7 @@ def trained(case: Case) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     return base, model.eval(), x
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [c for c in CASES if c.identity], ids=[c.id for c in CASES if c.identity])
 def test_identity_at_init(case):
     base, model, x = build(case)
     assert torch.equal(model(x), base(x))
@@ -159,10 +163,11 @@ def test_merge_matches_unmerged_and_unmerge_restores_base(case):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_disable_adapters_gives_the_base_output(case):
     base, model, x = trained(case)
-    assert not torch.equal(model(x), base(x))
+    if case.identity:
+        assert not torch.equal(model(x), base(x))
     with disable_adapters(model):
         assert torch.equal(model(x), base(x))
-    assert not torch.equal(model(x), base(x))
+    assert model(x).shape != base(x).shape or not torch.equal(model(x), base(x))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

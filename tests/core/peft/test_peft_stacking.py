@@ -207,3 +207,13 @@ def test_norm_tuning_and_dora_stack_when_first(spec):
     expected = model(x)
     merge(model)
     assert relative_error(model(x), expected) < 1e-5
+
+
+def test_adapted_layers_expose_their_base_attributes():
+    """Code that reads `layer.weight` or `in_features` keeps working after the layer is adapted."""
+    model = add_adapter(Block(), LoRA(r=2, targets=["q_proj"]))
+    layer = model.q_proj
+    assert layer.weight is layer.base_layer.weight and layer.in_features == 8
+    assert layer.adapters["default"].lora_A.weight.shape == (2, 8)  # the wrapper's own modules come first
+    with pytest.raises(AttributeError, match="^'AdaptedLayer' object has no attribute 'nonexistent'$"):
+        _ = layer.nonexistent
