@@ -14,102 +14,28 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from pipelines.core import checkpoint as ckpt
 from pipelines.core import distributed as D
+from pipelines.core.optim import build_optimizer, build_scheduler, lr_factor
+from pipelines.core.train_config import NonFiniteLossError, TrainConfig, TrainingInterrupted, TrainResult
+
+__all__ = [
+    "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainingInterrupted", "build_optimizer",
+    "build_scheduler", "lr_factor", "train",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvaluateFn = Callable[[nn.Module], Mapping[str, float]]
 RESUME_HINT = "`peft-pipelines run RECIPE --resume` (or `train(..., resume=True)` with the same run_dir)"
-
-
-class TrainConfig(BaseModel):
-    """Training settings: the `stages[i].train` section of a recipe."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to run; overrides epochs.")
-    batch_size: int = Field(8, ge=1, description="Samples per micro-batch per process.")
-    grad_accum: int = Field(
-        1, ge=1, description="Micro-batches per optimiser step; global batch = batch_size x processes x this."
-    )
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay, on 2+ dim parameters only.")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (unused by adamw).")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Learning-rate decay after warmup, per optimiser step, to 0 at the last step."
-    )
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warmup.")
-    clip_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null: off.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
-    )
-    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps; null: at each epoch end.")
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after N evaluations without improvement; restore the best state."
-    )
-    early_stopping_metric: str = Field("loss", description="Evaluation metric to watch (loss: val loss).")
-    early_stopping_mode: Literal["min", "max"] = Field(
-        "min", description="Whether a lower (min) or higher (max) metric is better."
-    )
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as better.")
-    checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and at the end).")
-    log_every: int = Field(10, ge=1, description="Write a metrics.jsonl row every N steps (mean loss).")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    strategy: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="Model wrapping under torchrun (auto: ddp); unused in a single process."
-    )
-    tensorboard: bool = Field(False, description="Also log to run_dir/tensorboard (needs tensorboard).")
-    device: str | None = Field(
-        None, description="Device to train on; null: the model's (cuda:LOCAL_RANK under torchrun)."
-    )
-
-
-@dataclass
-class TrainResult:
-    """What `train` did. history holds the metrics.jsonl rows (train rows and `val_*` rows)."""
-
-    steps: int
-    epochs: float
-    history: list[dict[str, Any]]
-    best_metric: float | None
-    best_step: int | None
-    metric_name: str
-    stopped_early: bool
-    restored_best: bool
-    wall_time_s: float
-    peak_memory_bytes: int
-    samples_per_second: float
-    precision: str
-    checkpoint: Path | None
-    notes: list[str] = field(default_factory=list)
-
-
-class TrainingInterrupted(RuntimeError):
-    """Ctrl-C stopped training; a checkpoint was written and the message says how to resume."""
-
-    def __init__(self, message: str, step: int, checkpoint: Path | None):
-        super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite; the last good checkpoint is kept."""
-
-    def __init__(self, message: str, step: int, loss: float, checkpoint: Path | None):
-        super().__init__(message)
-        self.step, self.loss, self.checkpoint = step, loss, checkpoint
 
 
 @dataclass
@@ -153,43 +79,6 @@ class _Run:
     best_state: dict[str, torch.Tensor] | None = None
     rng_at_boundary: dict[str, Any] | None = None  # RNG states right after the last completed step
     saved_step: int | None = None
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Returns the multiplier of the peak lr used by optimiser step `step` (0-based).
-
-    Warmup rises linearly as (step + 1) / warmup_steps; then cosine 0.5 * (1 + cos(pi * p)), linear 1 - p
-    or constant 1, with p = (step - warmup_steps) / (total_steps - warmup_steps).
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    done = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
-    return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Returns the optimiser over the model's trainable parameters (no decay on 0/1-dim tensors)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("The model has no trainable parameters; add an adapter or call set_trainable first.")
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [group for group in groups if group["params"]]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    """Returns a per-step LambdaLR following `lr_factor` with warmup_ratio x total_steps warmup steps."""
-    warmup = int(config.warmup_ratio * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, config.schedule)
-    )
 
 
 def train(

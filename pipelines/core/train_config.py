@@ -1,0 +1,89 @@
+"""The training loop's settings (a recipe's `train:` section), its result and its errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """Training settings: the `stages[i].train` section of a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to run; overrides epochs.")
+    batch_size: int = Field(8, ge=1, description="Samples per micro-batch per process.")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimiser step; global batch = batch_size x processes x this."
+    )
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay, on 2+ dim parameters only.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (unused by adamw).")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warmup, per optimiser step, to 0 at the last step."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warmup.")
+    clip_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null: off.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
+    )
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps; null: at each epoch end.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without improvement; restore the best state."
+    )
+    early_stopping_metric: str = Field("loss", description="Evaluation metric to watch (loss: val loss).")
+    early_stopping_mode: Literal["min", "max"] = Field(
+        "min", description="Whether a lower (min) or higher (max) metric is better."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as better.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and at the end).")
+    log_every: int = Field(10, ge=1, description="Write a metrics.jsonl row every N steps (mean loss).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="Model wrapping under torchrun (auto: ddp); unused in a single process."
+    )
+    tensorboard: bool = Field(False, description="Also log to run_dir/tensorboard (needs tensorboard).")
+    device: str | None = Field(
+        None, description="Device to train on; null: the model's (cuda:LOCAL_RANK under torchrun)."
+    )
+
+
+@dataclass
+class TrainResult:
+    """What `train` did. history holds the metrics.jsonl rows (train rows and `val_*` rows)."""
+
+    steps: int
+    epochs: float
+    history: list[dict[str, Any]]
+    best_metric: float | None
+    best_step: int | None
+    metric_name: str
+    stopped_early: bool
+    restored_best: bool
+    wall_time_s: float
+    peak_memory_bytes: int
+    samples_per_second: float
+    precision: str
+    checkpoint: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C stopped training; a checkpoint was written and the message says how to resume."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite; the last good checkpoint is kept."""
+
+    def __init__(self, message: str, step: int, loss: float, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
