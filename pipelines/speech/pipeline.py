@@ -1,0 +1,322 @@
+"""The registered speech pipelines: ``speech/speaker_adaptation`` and ``speech/base_multispeaker``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.core.evaluation import EvaluationReport, RunResult
+from pipelines.core.peft import AdapterSpec, Bottleneck, save_adapter
+from pipelines.core.recipe import pipeline_options
+from pipelines.core.registry import register_pipeline
+from pipelines.core.training import TrainConfig, TrainResult
+from pipelines.speech.adaptation import BASELINES, adapt, adaptation_clips, nearest_speaker
+from pipelines.speech.audio import load_vocoder
+from pipelines.speech.backbones import Backbone, load_backbone
+from pipelines.speech.data import Example, Utterance, folder_utterances, load_example, text_to_ids
+from pipelines.speech.fsdd import FsddSession
+from pipelines.speech.model import adapter_targets
+from pipelines.speech.options import (
+    AdaptationDataOptions,
+    AdaptationOptions,
+    AdaptationStageOptions,
+    BaseOptions,
+    SpeechBackboneOptions,
+)
+from pipelines.speech.report import adaptation_run, base_run
+from pipelines.speech.scoring import evaluate_scores, synthesize_and_score
+
+__all__ = ["SpeakerAdaptationPipeline", "BaseMultispeakerPipeline"]
+
+
+def _utterances(data: str | Path | list[Utterance], speaker: str) -> list[Utterance]:
+    if isinstance(data, (str, Path)):
+        return folder_utterances(data, speaker)
+    return list(data)
+
+
+class SpeakerAdaptationPipeline:
+    """Adapt a frozen multi-speaker acoustic model to a new speaker with a small adapter.
+
+    Lab code::
+
+        pipe = create_pipeline("speech/speaker_adaptation", train={"max_steps": 200})
+        pipe.fit("my_speaker_wavs/")          # WAV files + metadata.csv (id|text) or .txt beside each
+        report = pipe.evaluate("my_speaker_test_wavs/")
+        wav = pipe.synthesize("seven")        # 22,050 Hz waveform
+    """
+
+    OBJECTIVES = ("tts",)
+    BASELINES = BASELINES
+    DATASETS = ("fsdd",)
+
+    def __init__(
+        self,
+        backbone: str | Backbone = "fsdd_multispeaker",
+        adapter: AdapterSpec | None = None,
+        train: TrainConfig | dict | None = None,
+        backbone_options: SpeechBackboneOptions | dict | None = None,
+        speaker: str | int | None = None,
+        name: str = "speaker",
+        evaluators: bool = True,
+        seed: int = 0,
+        stage_options: AdaptationStageOptions | None = None,
+        data_options: AdaptationDataOptions | dict | None = None,
+        compare: list[str] | tuple[str, ...] = BASELINES,
+    ) -> None:
+        """Args: backbone name or Backbone; adapter spec (default bottleneck, hidden 16, on every
+        ``proj``); training settings; base settings; the existing speaker to condition on (None: the
+        nearest by speaker-ID embedding when the FSDD evaluators are used, else speaker 0); adapter name;
+        whether to load the FSDD evaluators (speaker similarity, intelligibility); seed; and for
+        ``run``: baseline settings, data options (AdaptationDataOptions) and the baselines to compare."""
+        options = backbone_options if isinstance(backbone_options, SpeechBackboneOptions) else None
+        self.backbone_options = options or SpeechBackboneOptions(**(backbone_options or {}))
+        self.session = FsddSession(self.backbone_options.base_settings())
+        self.backbone = backbone if isinstance(backbone, Backbone) else None
+        self.backbone_name = backbone if isinstance(backbone, str) else backbone.info.get("name", "custom")
+        self.adapter = adapter or Bottleneck(targets=adapter_targets(), hidden=16)
+        self.train_config = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
+        self.speaker, self.name, self.seed = speaker, name, seed
+        self.use_evaluators = evaluators
+        self.stage_options = stage_options or AdaptationStageOptions()
+        if isinstance(data_options, dict):
+            data_options = AdaptationDataOptions(**data_options)
+        self.options = AdaptationOptions(
+            backbone=self.backbone_options, data=data_options or AdaptationDataOptions()
+        )
+        self.compare = list(compare)
+        self.model = None
+        self.speaker_id: int | None = None
+        self._vocoder = None
+        self.recipe = None
+
+    @classmethod
+    def from_recipe(cls, recipe) -> SpeakerAdaptationPipeline:
+        """Build the pipeline of a validated recipe (its single stage is the adapter)."""
+        options = pipeline_options(recipe) or AdaptationOptions()
+        if len(recipe.stages) != 1:
+            raise ValueError(
+                f"speech/speaker_adaptation takes one stage, the recipe has {len(recipe.stages)}"
+            )
+        stage = recipe.stages[0]
+        spec = stage.adapter or Bottleneck(targets=adapter_targets(), hidden=16)
+        pipe = cls(
+            recipe.backbone.name,
+            spec,
+            stage.train,
+            options.backbone,
+            name=stage.name,
+            seed=recipe.seed,
+            stage_options=options.stages[0] if options.stages else None,
+            data_options=options.data,
+            compare=recipe.compare,
+        )
+        pipe.recipe = recipe
+        return pipe
+
+    # lab code -------------------------------------------------------------------------------------
+    def _ensure_backbone(self, run_dir: Path | None = None) -> Backbone:
+        if self.backbone is None:
+            self.backbone = load_backbone(
+                self.backbone_name,
+                self.backbone_options.base_settings(),
+                self.session.base_training_examples,
+                run_dir,
+            )
+        return self.backbone
+
+    def _examples(self, utterances: list[Utterance]) -> list[Example]:
+        return [load_example(u, 0) for u in utterances]
+
+    def _choose_speaker(self, examples: list[Example]) -> int:
+        backbone = self._ensure_backbone()
+        if isinstance(self.speaker, int):
+            return self.speaker
+        if isinstance(self.speaker, str):
+            if self.speaker not in backbone.speakers:
+                raise ValueError(
+                    f"speaker '{self.speaker}' is not one of the base speakers {backbone.speakers}"
+                )
+            return backbone.speakers.index(self.speaker)
+        if self.use_evaluators and self.backbone_name == "fsdd_multispeaker":
+            return nearest_speaker(self.session.evaluators(), examples, self.session.base_speaker_examples())[
+                0
+            ]
+        return 0
+
+    def fit(self, train: str | Path | list[Utterance], val=None) -> TrainResult:
+        """Train the adapter on a folder of WAV files with transcripts (or Utterances).
+
+        Returns:
+            The training loop's result.
+        """
+        examples = self._examples(_utterances(train, self.name))
+        self.speaker_id = self._choose_speaker(examples)
+        adapted = adapt(
+            self._ensure_backbone().model,
+            "adapter",
+            examples,
+            self.speaker_id,
+            self.train_config,
+            self.adapter,
+            self.name,
+            seed=self.seed,
+        )
+        self.model = adapted.model
+        return adapted.result
+
+    def _require_fit(self) -> None:
+        if self.model is None:
+            raise RuntimeError("the pipeline has no adapted model yet; call fit(train) first")
+
+    def vocoder(self):
+        """The vocoder named in the backbone options (loaded once)."""
+        if self._vocoder is None:
+            self._vocoder = load_vocoder(self.backbone_options.vocoder)
+        return self._vocoder
+
+    def evaluate(self, test: str | Path | list[Utterance], bootstrap: int = 1000) -> EvaluationReport:
+        """MCD, log-F0 RMSE, speaker similarity and intelligibility (NaN without digits) on test clips."""
+        self._require_fit()
+        examples = self._examples(_utterances(test, self.name))
+        evaluators = self.session.evaluators() if self.use_evaluators else None
+        synthesis = synthesize_and_score(
+            self.model, examples, self.speaker_id, self.vocoder(), evaluators, self.session.num_bins
+        )
+        return evaluate_scores(synthesis, bootstrap, self.seed)
+
+    def synthesize(self, text: str) -> np.ndarray:
+        """The adapted voice saying ``text``: a waveform at 22,050 Hz."""
+        self._require_fit()
+        return self.vocoder()(self.model.synthesize(text_to_ids(text), self.speaker_id))
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the adapter (native format, safetensors) to ``directory``."""
+        self._require_fit()
+        return save_adapter(self.model, directory, name=self.name)
+
+    # recipe path ------------------------------------------------------------------------------------
+    def run(self, run_dir: Path, resume: bool = False) -> RunResult:
+        """Adapt with the stage's adapter and the baselines in ``compare``; score all on the same clips."""
+        started = time.perf_counter()
+        data = self.options.data
+        backbone = self._ensure_backbone(run_dir / "base")
+        target = data.target_speaker or self.backbone_options.held_out_speaker
+        if target in backbone.speakers:
+            raise ValueError(
+                f"target_speaker '{target}' is one of the base speakers {backbone.speakers}; "
+                "pick the held-out speaker"
+            )
+        adapt_examples = self.session.speaker_examples(target, "train")
+        evaluators = self.session.evaluators() if data.evaluators else None
+        chosen = adaptation_clips([e.utterance for e in adapt_examples], data.adaptation_clips)
+        by_path = {e.utterance.path: e for e in adapt_examples}
+        train_examples = [by_path[u.path] for u in chosen]
+        test_examples = [
+            e
+            for e in self.session.speaker_examples(target, "test")
+            if e.utterance.index < data.eval_clips_per_digit
+        ]
+        speaker, cosines = 0, {0: float("nan")}
+        if evaluators is not None:
+            speaker, cosines = nearest_speaker(
+                evaluators, train_examples, self.session.base_speaker_examples()
+            )
+        self.speaker_id = speaker
+        methods = ["adapter", *self.compare]
+        stage = self.stage_options
+        adapted = {}
+        for method in methods:
+            label = self.name if method == "adapter" else method
+            adapted[label] = adapt(
+                backbone.model,
+                method,
+                train_examples,
+                speaker,
+                self.train_config,
+                self.adapter,
+                self.name,
+                stage.finetune_lr,
+                stage.lora_rank,
+                self.seed,
+                run_dir / "train" / label,
+            )
+            if method in ("adapter", "lora"):
+                save_adapter(adapted[label].model, run_dir / "adapters" / label, name=self.name)
+        self.model = adapted[self.name].model
+        sweep = {}
+        for count in data.sweep_clips:
+            subset = [by_path[u.path] for u in adaptation_clips([e.utterance for e in adapt_examples], count)]
+            sweep[str(count)] = adapt(
+                backbone.model,
+                "adapter",
+                subset,
+                speaker,
+                self.train_config,
+                self.adapter,
+                self.name,
+                seed=self.seed,
+            )
+        return adaptation_run(
+            self,
+            run_dir,
+            backbone,
+            target,
+            speaker,
+            cosines,
+            adapted,
+            sweep,
+            train_examples,
+            test_examples,
+            evaluators,
+            started,
+        )
+
+
+class BaseMultispeakerPipeline:
+    """Train (or load from the cache) the FSDD multi-speaker base model and score it on its speakers."""
+
+    OBJECTIVES = ("tts",)
+    BASELINES = ()
+    DATASETS = ("fsdd",)
+
+    def __init__(self, backbone_options: SpeechBackboneOptions | dict | None = None, seed: int = 0) -> None:
+        options = backbone_options if isinstance(backbone_options, SpeechBackboneOptions) else None
+        self.backbone_options = options or SpeechBackboneOptions(**(backbone_options or {}))
+        self.session = FsddSession(self.backbone_options.base_settings())
+        self.seed, self.recipe, self.options = seed, None, BaseOptions()
+
+    @classmethod
+    def from_recipe(cls, recipe) -> BaseMultispeakerPipeline:
+        """Build from a recipe; base training settings live in ``backbone.options`` (they key the cache)."""
+        options = pipeline_options(recipe) or BaseOptions()
+        for index, stage in enumerate(recipe.stages):
+            if stage.adapter is not None or stage.train != TrainConfig():
+                raise ValueError(
+                    f"stages.{index}: speech/base_multispeaker takes no adapter or train settings; set "
+                    "steps, batch_size and lr under backbone.options, so that the adaptation recipe finds "
+                    "the same base"
+                )
+        pipe = cls(options.backbone, recipe.seed)
+        pipe.recipe, pipe.options = recipe, options
+        return pipe
+
+    def run(self, run_dir: Path, resume: bool = False) -> RunResult:
+        """Train or load the base, then score it on the base speakers' test clips."""
+        started = time.perf_counter()
+        backbone = load_backbone(
+            "fsdd_multispeaker",
+            self.backbone_options.base_settings(),
+            self.session.base_training_examples,
+            run_dir / "base",
+        )
+        evaluators = self.session.evaluators()
+        return base_run(
+            self, run_dir, backbone, evaluators, load_vocoder(self.backbone_options.vocoder), started
+        )
+
+
+register_pipeline("speech/speaker_adaptation", SpeakerAdaptationPipeline, options=AdaptationOptions)
+register_pipeline("speech/base_multispeaker", BaseMultispeakerPipeline, options=BaseOptions)
