@@ -25,6 +25,7 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 PICKLES = ("adapter_model.bin", "pytorch_model.bin", ".pt", ".pth", ".ckpt", ".pkl")
 PEFT_PREFIX = "base_model.model."
+LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -101,7 +102,7 @@ def _peft_blocker(model: nn.Module, spec, name: str, paths: list[str]) -> str | 
     for path, wrapper in wrappers(model):
         if path in paths:
             base = wrapper.base_layer
-            if not isinstance(base, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) or (
+            if not isinstance(base, nn.Linear | nn.Embedding | nn.Conv1d | nn.Conv2d | nn.Conv3d) or (
                 getattr(base, "groups", 1) != 1 or any(d != 1 for d in getattr(base, "dilation", (1,)))
             ):
                 return (
@@ -183,12 +184,14 @@ def _from_peft(config: dict, tensors: dict[str, torch.Tensor], directory: Path):
     renamed, paths = {}, []
     for key, value in tensors.items():
         key = key.removeprefix(PEFT_PREFIX).replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
-        for part in (".lora_A.", ".lora_B.", ".lora_magnitude_vector"):
+        for part in LORA_PARTS:
             if part in key:
                 path = key.split(part)[0]
                 if path not in paths:
                     paths.append(path)
         renamed[key] = value
+    if not paths:
+        raise ValueError(f"{directory / WEIGHTS} holds no LoRA tensors (lora_A, lora_B, lora_embedding_A/B).")
     return spec, paths, renamed
 
 
