@@ -196,9 +196,14 @@ def test_save_refusals(tmp_path):
     grouped = add_adapter(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), LoRA(r=2, targets=["0"]))
     with refused("HF peft computes LoRA on '0' (Conv2d) differently; export it in the native format."):
         save_adapter(grouped, tmp_path, format="peft")
-    embedding = add_adapter(nn.Sequential(nn.Embedding(5, 4)), LoRA(r=2, targets=["0"]))
-    with refused("HF peft computes LoRA on '0' (Embedding) differently; export it in the native format."):
-        save_adapter(embedding, tmp_path, format="peft")
+    transposed = add_adapter(nn.Sequential(nn.ConvTranspose1d(4, 4, 3)), LoRA(r=2, targets=["0"]))
+    with refused(
+        "HF peft computes LoRA on '0' (ConvTranspose1d) differently; export it in the native format."
+    ):
+        save_adapter(transposed, tmp_path, format="peft")
+    dilated = add_adapter(nn.Sequential(nn.Conv1d(4, 4, 3, dilation=2)), LoRA(r=2, targets=["0"]))
+    with refused("HF peft computes LoRA on '0' (Conv1d) differently; export it in the native format."):
+        save_adapter(dilated, tmp_path, format="peft")
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
@@ -280,5 +285,12 @@ def test_hf_peft_configs_we_cannot_honour(saved):
         load_adapter(base, directory)
     config_path.write_text(json.dumps({**config, "peft_type": "LORA", "rank_pattern": {"q_proj": 4}}))
     with refused(f"{config_path}: per-module rank_pattern is not supported."):
+        load_adapter(base, directory)
+    config_path.write_text(json.dumps({**config, "peft_type": "LORA"}))
+    save_file({"base_model.model.head.weight": torch.zeros(3, 8)}, directory / "adapter_model.safetensors")
+    with refused(
+        f"{directory / 'adapter_model.safetensors'} holds no LoRA tensors (lora_A, lora_B, "
+        "lora_embedding_A/B)."
+    ):
         load_adapter(base, directory)
     assert_untouched(base)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft_testing import perturb_adapters
 from peft_testing import tiny_llama as make_tiny_llama
+from torch import nn
 
 from pipelines.core.peft import LoRA, adapter_names, add_adapter, load_adapter, merge, save_adapter
 
@@ -104,3 +105,57 @@ def test_same_weights_same_forward_as_hf_peft(tiny_llama, input_ids):
     torch.testing.assert_close(logits(model, input_ids), logits(theirs, input_ids), atol=1e-5, rtol=0)
     model.eval()
     torch.testing.assert_close(logits(model, input_ids), logits(theirs, input_ids), atol=1e-5, rtol=0)
+
+
+def test_embedding_lora_both_ways(tiny_llama, input_ids, tmp_path):
+    model = add_adapter(copy.deepcopy(tiny_llama), LoRA(r=2, alpha=4, targets=["embed_tokens", "q_proj"]))
+    perturb_adapters(model, scale=0.3)
+    save_adapter(model, tmp_path / "ours", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(theirs, input_ids), logits(model, input_ids), atol=1e-5, rtol=0)
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "v_proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config).eval()
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn(parameter.shape) * 0.3)
+    theirs.save_pretrained(tmp_path / "theirs", save_embedding_layers=False)
+    model = copy.deepcopy(tiny_llama)
+    load_adapter(model, tmp_path / "theirs")
+    torch.testing.assert_close(logits(model, input_ids), logits(theirs, input_ids), atol=1e-5, rtol=0)
+
+
+class Convolutions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=1, stride=2)
+        self.c3 = nn.Conv3d(2, 3, 3, padding=1)
+
+    def forward(self, x1, x2, x3):
+        return torch.cat([self.c1(x1).flatten(), self.c2(x2).flatten(), self.c3(x3).flatten()])
+
+
+def test_convolution_lora_both_ways(tmp_path):
+    base = Convolutions()
+    x = (torch.randn(2, 3, 7), torch.randn(2, 4, 6, 6), torch.randn(1, 2, 4, 4, 4))
+    model = add_adapter(copy.deepcopy(base), LoRA(r=2, alpha=4, targets=["c1", "c2", "c3"]))
+    perturb_adapters(model, scale=0.3)
+    save_adapter(model, tmp_path / "ours", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(*x), model(*x), atol=1e-5, rtol=0)
+
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c1", "c3"])
+    )
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn(parameter.shape) * 0.3)
+    theirs.save_pretrained(tmp_path / "theirs")
+    model = copy.deepcopy(base)
+    load_adapter(model, tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(model(*x), theirs(*x), atol=1e-5, rtol=0)
