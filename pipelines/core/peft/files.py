@@ -134,7 +134,7 @@ def convert_adapter(source: str | Path, target: str | Path, format: str) -> Path
     native = config.get("format") == "peft-pipelines"
     if format == "peft" and native:
         if config.get("peft_blocker") or config.get("extra_modules"):
-            reason = config.get("peft_blocker") or "it holds head modules, which HF peft files do not carry"
+            reason = config.get("peft_blocker") or "it holds head modules, which HF peft files do not carry."
             raise ValueError(f"{source} cannot be converted to the HF peft format: {reason}")
         spec = spec_from_dict(config["spec"])
         tensors, config = _peft_files(spec, tensors, config["modules"], config.get("base_model_name_or_path"))
