@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 from torch import nn
 
@@ -54,3 +57,8 @@ def tiny_llama() -> nn.Module:
         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def refused(message: str, error: type[Exception] = ValueError):
+    """pytest.raises for exactly this message."""
+    return pytest.raises(error, match=f"^{re.escape(message)}$")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import pytest
 import torch
-from peft_testing import perturb_adapters, tiny_llama
+from peft_testing import perturb_adapters, refused, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,10 +30,6 @@ from pipelines.core.peft import (
     unmerge,
 )
 from pipelines.core.peft.layers import AdaptedLayer
-
-
-def refused(message: str, error: type[Exception] = ValueError):
-    return pytest.raises(error, match=f"^{re.escape(message)}$")
 
 
 class Block(nn.Module):

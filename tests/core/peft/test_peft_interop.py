@@ -7,11 +7,20 @@ import json
 
 import pytest
 import torch
-from peft_testing import perturb_adapters
+from peft_testing import perturb_adapters, refused
 from peft_testing import tiny_llama as make_tiny_llama
 from torch import nn
 
-from pipelines.core.peft import LoRA, adapter_names, add_adapter, load_adapter, merge, save_adapter
+from pipelines.core.peft import (
+    SSF,
+    LoRA,
+    adapter_names,
+    add_adapter,
+    convert_adapter,
+    load_adapter,
+    merge,
+    save_adapter,
+)
 
 peft = pytest.importorskip("peft", reason="HF peft is the oracle of these tests; pip install peft")
 transformers = pytest.importorskip("transformers")
@@ -159,3 +168,37 @@ def test_convolution_lora_both_ways(tmp_path):
     load_adapter(model, tmp_path / "theirs")
     with torch.no_grad():
         torch.testing.assert_close(model(*x), theirs(*x), atol=1e-5, rtol=0)
+
+
+def test_convert_adapter_between_formats_without_the_model(tiny_llama, input_ids, tmp_path):
+    model = add_adapter(copy.deepcopy(tiny_llama), OURS["rslora"], name="task")
+    perturb_adapters(model, scale=0.3)
+    save_adapter(model, tmp_path / "native")
+    convert_adapter(tmp_path / "native", tmp_path / "peft", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(theirs, input_ids), logits(model, input_ids), atol=1e-5, rtol=0)
+    convert_adapter(tmp_path / "peft", tmp_path / "back", format="native")
+    back = copy.deepcopy(tiny_llama)
+    assert load_adapter(back, tmp_path / "back") == "default"
+    assert torch.equal(logits(back, input_ids), logits(model, input_ids))
+
+
+def test_convert_adapter_refusals(tmp_path):
+    block = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    ssf = add_adapter(copy.deepcopy(block), SSF(targets=["0"]), name="task")
+    save_adapter(ssf, tmp_path / "ssf")
+    with refused(
+        f"{tmp_path / 'ssf'} cannot be converted to the HF peft format: Adapter 'task' is ssf; the HF peft "
+        "format is written for LoRA only."
+    ):
+        convert_adapter(tmp_path / "ssf", tmp_path / "out", format="peft")
+    lora = add_adapter(copy.deepcopy(block), LoRA(r=2, targets=["0"]), name="task")
+    save_adapter(lora, tmp_path / "head", extra=["1"])
+    with refused(
+        f"{tmp_path / 'head'} cannot be converted to the HF peft format: it holds head modules, which HF "
+        "peft files do not carry."
+    ):
+        convert_adapter(tmp_path / "head", tmp_path / "out", format="peft")
+    with refused("Unknown adapter format 'onnx'; use 'native' or 'peft'."):
+        convert_adapter(tmp_path / "head", tmp_path / "out", format="onnx")
+    assert not (tmp_path / "out").exists()
