@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -161,7 +162,9 @@ def _load_hifigan(model: str) -> torch.nn.Module:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = _AttrDict(json.loads((root / "data" / "config.json").read_text()))
-    generator = module.Generator(config)
+    with warnings.catch_warnings():  # the 2020 code uses torch.nn.utils.weight_norm, now deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        generator = module.Generator(config)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     generator.load_state_dict(state["generator"])
     generator.eval()
