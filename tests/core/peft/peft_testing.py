@@ -16,7 +16,7 @@ def perturb_adapters(model: nn.Module, scale: float = 0.2, seed: int = 1) -> Non
         for name, parameter in model.named_parameters():
             if is_adapter_name(name):
                 noise = torch.randn(parameter.shape, generator=generator)
-                parameter.add_(noise.to(parameter.dtype) * scale)
+                parameter.add_(noise.to(parameter.device, parameter.dtype) * scale)
 
 
 def is_adapter_name(name: str) -> bool:

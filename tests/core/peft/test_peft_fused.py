@@ -28,8 +28,17 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def lora_linear(dtype: torch.dtype = torch.float32, **options) -> nn.Module:
-    model = nn.Sequential(OrderedDict(proj=nn.Linear(16, 12))).to(dtype)
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+    ),
+]
+
+
+def lora_linear(dtype: torch.dtype = torch.float32, device: str = "cpu", **options) -> nn.Module:
+    model = nn.Sequential(OrderedDict(proj=nn.Linear(16, 12))).to(dtype=dtype, device=device)
     add_adapter(model, LoRA(r=4, alpha=8, targets=["proj"], **options))
     perturb_adapters(model, scale=0.3)
     return model
@@ -52,15 +61,16 @@ def gradients(fn, model: nn.Module, x: torch.Tensor, inplace: bool = False) -> l
     out = fn(x)
     if inplace:  # as fair-esm's attention does with q *= scaling
         out *= 0.5
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
     (out * weights).sum().backward()
     return [out.detach(), x.grad, adapter.lora_A.weight.grad, adapter.lora_B.weight.grad]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inplace", [False, True], ids=["plain-output", "inplace-on-output"])
-def test_fused_float32_matches_plain_autograd(fused_calls, inplace):
-    model = lora_linear().train()
-    x = torch.randn(2, 5, 16)
+def test_fused_float32_matches_plain_autograd(fused_calls, inplace, device):
+    model = lora_linear(device=device).train()
+    x = torch.randn(2, 5, 16).to(device)
     fused = gradients(model, model, x, inplace)
     assert fused_calls == [torch.float32]
     reference = gradients(lambda h: plain(model, h), model, x, inplace)
@@ -69,11 +79,12 @@ def test_fused_float32_matches_plain_autograd(fused_calls, inplace):
     assert fused[2].dtype == fused[3].dtype == torch.float32
 
 
-def test_fused_bfloat16_matches_plain_autograd_within_bf16_tolerance(fused_calls):
-    model = lora_linear(torch.bfloat16).train()
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_bfloat16_matches_plain_autograd_within_bf16_tolerance(fused_calls, device):
+    model = lora_linear(torch.bfloat16, device).train()
     adapter = model.proj.adapters["default"]
     assert adapter.lora_A.weight.dtype == torch.float32  # float32 master weights on a bf16 base
-    x = torch.randn(4, 5, 16, dtype=torch.bfloat16)
+    x = torch.randn(4, 5, 16, dtype=torch.bfloat16).to(device)
     fused = gradients(model, model, x)
     assert fused_calls == [torch.bfloat16]
     assert fused[0].dtype == fused[1].dtype == torch.bfloat16  # activations are never upcast
@@ -83,6 +94,7 @@ def test_fused_bfloat16_matches_plain_autograd_within_bf16_tolerance(fused_calls
         assert relative_error(got, expected) < 2e-2, what
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize(
     "optimizer",
@@ -93,9 +105,9 @@ def test_fused_bfloat16_matches_plain_autograd_within_bf16_tolerance(fused_calls
     ],
     ids=["sgd", "adamw-foreach", "adamw-fused"],
 )
-def test_cast_cache_refreshes_after_an_optimiser_step(fused_calls, dtype, optimizer):
-    model = lora_linear(dtype).train()
-    x = torch.randn(3, 16, dtype=dtype)
+def test_cast_cache_refreshes_after_an_optimiser_step(fused_calls, dtype, optimizer, device):
+    model = lora_linear(dtype, device).train()
+    x = torch.randn(3, 16, dtype=dtype).to(device)
     step = optimizer([p for p in model.parameters() if p.requires_grad])
     for _ in range(2):
         before = model(x)
