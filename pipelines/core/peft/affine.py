@@ -49,7 +49,7 @@ class ChannelAffine(nn.Module):
             out = out + broadcast(shift.to(out.dtype), out.ndim, dim)
         return out
 
-    def _check_mergeable(self, base: nn.Module) -> None:
+    def check_mergeable(self, base: nn.Module) -> None:
         if getattr(base, "weight", None) is None:
             raise ValueError(
                 f"Cannot merge into {self.name!r}: the layer has no weight (no affine parameters)."
@@ -58,7 +58,7 @@ class ChannelAffine(nn.Module):
             raise ValueError(f"Cannot merge a shift into {self.name!r}: the layer has no bias.")
 
     def merge_into(self, base: nn.Module) -> None:
-        self._check_mergeable(base)
+        self.check_mergeable(base)
         scale, shift = self._factors()
         with torch.no_grad():
             if scale is not None:

@@ -73,13 +73,22 @@ def _select(model: nn.Module, targets: list[str], what: str) -> list[LogicalModu
         for target in targets:
             if target == "__has_bias__":
                 hit = isinstance(getattr(module, "bias", None), nn.Parameter)
-            elif target == "__is_norm__":
-                hit = is_norm(module)
+            elif target == "__is_norm__":  # norms with something to tune (affine or running statistics)
+                hit = is_norm(module) and (
+                    getattr(module, "weight", None) is not None
+                    or getattr(module, "running_mean", None) is not None
+                )
             else:
                 hit = matches(target, item.name, module)
             if hit:
                 found.append(item)
                 break
+    if not found and all(t.startswith("type:") for t in targets):
+        types = sorted({type(item.module).__name__ for item in logical_modules(model)})
+        raise ValueError(
+            f"{what} targets {targets} match no module of {type(model).__name__}; "
+            f"its layer types: {', '.join(types[:20])}."
+        )
     if not found:
         names = [item.name for item in logical_modules(model)]
         keys = [t for t in targets if not t.startswith(("re:", "type:", "__"))] or targets
@@ -138,7 +147,7 @@ def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default") -> n
     """
     if not _NAME.match(name):
         raise ValueError(
-            f"Adapter name {name!r} must be letters, digits, '_' or '-', starting with a letter."
+            f"Adapter name {name!r} must be letters, digits, '_' or '-', starting with a letter or '_'."
         )
     specs = adapter_specs(model)
     if name in specs:
@@ -210,9 +219,12 @@ def _plan(model: nn.Module, names: list[str] | None, merging: bool) -> list[tupl
         chosen = [n for n in order if n in wanted and wrapper.adapters[n].merged != merging]
         for n in chosen:
             index = order.index(n)
+            if merging and hasattr(wrapper.adapters[n], "check_mergeable"):
+                wrapper.adapters[n].check_mergeable(wrapper.base_layer)  # before anything is merged
             if merging and not wrapper.adapters[n].mergeable:
                 raise ValueError(
-                    f"Adapter {n!r} on {layer_name!r} ({wrapper.adapters[n].kind}) cannot be merged."
+                    f"Adapter {n!r} on {layer_name!r} ({wrapper.adapters[n].kind}) cannot be merged: "
+                    f"{type(wrapper.adapters[n]).__name__} is not a linear change of the layer's weights."
                 )
             # Adapters compose in order, so only a prefix can be folded into the weights.
             others = order[:index] if merging else order[index + 1 :]

@@ -77,7 +77,11 @@ def test_unsupported_layers_are_named():
     with refused("NormTuning target 'q_proj' is a Linear, not a norm layer."):
         add_adapter(Block(), NormTuning(targets=["q_proj"]))
     with refused("NormTuning target 'norm' has no affine parameters or statistics to tune."):
-        add_adapter(Block(affine=False), NormTuning())
+        add_adapter(Block(affine=False), NormTuning(targets=["norm"]))
+    # With no targets, norms with nothing to tune are skipped rather than refused.
+    mixed = nn.Sequential(nn.LayerNorm(4), nn.LayerNorm(4, elementwise_affine=False))
+    add_adapter(mixed, NormTuning())
+    assert [n for n, _ in mixed.named_modules() if n.endswith("adapters.default")] == ["0.adapters.default"]
     with refused("BitFit target 'q_proj' (Linear) has no bias; choose layers with one."):
         add_adapter(Block(bias=False), BitFit(targets=["q_proj"]))
     holder = nn.Module()
@@ -96,7 +100,9 @@ def test_adapter_names():
     with refused("The model already has an adapter named 'task'; choose another name."):
         add_adapter(model, SSF(targets=["head"]), name="task")
     for bad in ["1task", "a.b", "", "task adapter"]:
-        with refused(f"Adapter name {bad!r} must be letters, digits, '_' or '-', starting with a letter."):
+        with refused(
+            f"Adapter name {bad!r} must be letters, digits, '_' or '-', starting with a letter or '_'."
+        ):
             add_adapter(model, SSF(targets=["head"]), name=bad)
     with refused("The model has no adapter named 'tsak'; it has ['task']."):
         set_trainable(model, ["tsak"])
@@ -132,7 +138,10 @@ def test_norm_tuning_and_dora_must_come_first_on_a_layer():
 
 def test_merge_refusals():
     model = add_adapter(Block(), Bottleneck(hidden=2, targets=["q_proj"]), name="task")
-    with refused("Adapter 'task' on 'q_proj' (transform) cannot be merged."):
+    with refused(
+        "Adapter 'task' on 'q_proj' (transform) cannot be merged: "
+        "BottleneckAdapter is not a linear change of the layer's weights."
+    ):
         merge(model)
     model = stacked()
     with refused("Cannot merge 'task' on 'q_proj' before 'domain'; merge them together."):
