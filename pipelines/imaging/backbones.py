@@ -112,6 +112,7 @@ class Backbone:
         provenance: ``{name, source, weights}``: where the weights came from (hub id, file and sha256, or
             ``"random initialisation"``).
         targets: Default adapter targets per method for this family.
+        token_width: Channels of a transformer's tokens (prompt tuning), None for CNNs.
     """
 
     module: FeatureExtractor
@@ -122,6 +123,7 @@ class Backbone:
     input_size: int | None
     provenance: dict
     targets: dict[str, list[str]] = field(default_factory=dict)
+    token_width: int | None = None
 
 
 def _vit_targets(module: nn.Module) -> dict[str, list[str]]:
@@ -207,7 +209,10 @@ def _hf_backbone(net: nn.Module, name: str, source: str, weights: Any, opts: Bac
     module = FeatureExtractor(net, "hf", 3, IMAGENET_MEAN, IMAGENET_STD, opts.pooling)
     width = net.config.hidden_size * (2 if opts.pooling == "cls+mean" else 1)
     provenance = {"name": name, "source": source, "weights": weights}
-    return Backbone(module, width, "vit", 2, 3, net.config.image_size, provenance, _vit_targets(net))
+    targets = _vit_targets(net)
+    return Backbone(
+        module, width, "vit", 2, 3, net.config.image_size, provenance, targets, net.config.hidden_size
+    )
 
 
 def _transformers(name: str, opts: BackboneOptions) -> Backbone:
@@ -282,7 +287,8 @@ def _timm(name: str, opts: BackboneOptions) -> Backbone:
     size = (cfg.get("input_size") or (None, None, None))[-1] if opts.img_size is None else opts.img_size
     provenance = {"name": name, "source": "timm", "weights": weights}
     family = "vit" if is_vit else "cnn"
-    return Backbone(module, net.num_features, family, 2, in_channels, size, provenance, targets)
+    token_width = getattr(net, "embed_dim", None) if is_vit else None
+    return Backbone(module, net.num_features, family, 2, in_channels, size, provenance, targets, token_width)
 
 
 def _monai(name: str, opts: BackboneOptions) -> Backbone:
@@ -320,7 +326,10 @@ def _monai(name: str, opts: BackboneOptions) -> Backbone:
     targets = _vit_targets(net) if name == "ViT" else _cnn_targets(opts.spatial_dims)
     provenance = {"name": name, "source": "monai", "weights": weights}
     family = "vit" if name == "ViT" else "cnn"
-    return Backbone(module, width, family, opts.spatial_dims, in_channels, opts.img_size, provenance, targets)
+    token_width = width if family == "vit" else None
+    return Backbone(
+        module, width, family, opts.spatial_dims, in_channels, opts.img_size, provenance, targets, token_width
+    )
 
 
 def load_backbone(name: str, **options: Any) -> Backbone:

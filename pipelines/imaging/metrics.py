@@ -11,7 +11,14 @@ import math
 
 import numpy as np
 
-__all__ = ["youden_threshold", "threshold_metrics", "bootstrap_threshold_metrics", "THRESHOLD_METRICS"]
+__all__ = [
+    "youden_threshold",
+    "threshold_metrics",
+    "bootstrap_threshold_metrics",
+    "sensitivity",
+    "specificity",
+    "THRESHOLD_METRICS",
+]
 
 THRESHOLD_METRICS = ("sensitivity", "specificity", "accuracy", "f1")
 
@@ -79,3 +86,28 @@ def bootstrap_threshold_metrics(
         low, high = np.percentile(values, [2.5, 97.5]) if len(values) else (math.nan, math.nan)
         result[name] = {"value": value, "low": float(low), "high": float(high)}
     return result
+
+
+def sensitivity(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """True-positive rate of 0/1 predictions (NaN without positives)."""
+    y_true, y_pred = np.asarray(y_true).ravel() > 0.5, np.asarray(y_pred).ravel() > 0.5
+    positives = y_true.sum()
+    return float((y_pred & y_true).sum() / positives) if positives else math.nan
+
+
+def specificity(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """True-negative rate of 0/1 predictions (NaN without negatives)."""
+    y_true, y_pred = np.asarray(y_true).ravel() > 0.5, np.asarray(y_pred).ravel() > 0.5
+    negatives = (~y_true).sum()
+    return float((~y_pred & ~y_true).sum() / negatives) if negatives else math.nan
+
+
+def _register() -> None:
+    from pipelines.core.evaluation import list_metrics, register_metric
+
+    for name, fn in (("sensitivity", sensitivity), ("specificity", specificity)):
+        if name not in list_metrics():  # the core may ship its own one day; keep it then
+            register_metric(name, fn, ("binary",), input="label")
+
+
+_register()

@@ -1,0 +1,206 @@
+"""Build one classifier per method (adapter, linear probe, full fine-tuning) and score it.
+
+Adapters go on the backbone only: every target is resolved to the exact names of backbone modules before
+``add_adapter`` sees it, so ``type:Linear`` or "every bias" never touches the head, which trains fully in
+every method. Frozen BatchNorm layers stay in eval mode while training, so their statistics do not drift
+under a linear probe, LoRA, SSF or BitFit; BatchNorm layers that are themselves tuned (NormTuning, full
+fine-tuning) update their statistics as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.core.evaluation import EvaluationReport, evaluate
+from pipelines.core.peft import (
+    BitFit,
+    Bottleneck,
+    LoRA,
+    NormTuning,
+    PromptTuning,
+    adapter_specs,
+    add_adapter,
+    set_trainable,
+    spec_from_dict,
+)
+from pipelines.imaging.backbones import Backbone
+from pipelines.imaging.metrics import youden_threshold
+from pipelines.imaging.model import HEAD, ImageClassifier, predict_scores
+
+__all__ = [
+    "BASELINES",
+    "METHOD_BASELINES",
+    "default_spec",
+    "resolve_targets",
+    "build_classifier",
+    "freeze_unadapted_batchnorm",
+    "score_model",
+]
+
+METHOD_BASELINES = ("lora", "ssf", "bitfit", "norm", "bottleneck", "prompt", "ia3")
+BASELINES = ("linear_probe", "full_finetune", *METHOD_BASELINES)
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def default_spec(method: str, backbone: Backbone):
+    """The adapter spec a baseline named after a method uses on this backbone (targets filled in)."""
+    vit = backbone.family == "vit"
+    if method == "lora":
+        return LoRA(r=8, alpha=16, targets=backbone.targets["lora"])
+    if method == "bottleneck":
+        # parallel to the MLP's output projection: the closest the core's Linear-level adapters come to
+        # AdaptFormer (parallel to the whole MLP); CNNs get a parallel 1x1-style bottleneck per conv
+        targets = ["re:.*mlp\\.(fc2|linear2)$"] if vit else backbone.targets["bottleneck"]
+        return Bottleneck(targets=targets, hidden=16 if vit else None, reduction=4, placement="parallel")
+    if method == "prompt":
+        if not vit:
+            raise ValueError(
+                "prompt tuning needs a transformer backbone (visual prompt tokens); pick another method"
+            )
+        return PromptTuning(
+            num_tokens=4, targets=backbone.targets["prompt"], insert_at=1, channels=backbone.token_width
+        )
+    return spec_from_dict({"method": method, "targets": backbone.targets.get(method, [])})
+
+
+def _matches(target: str, name: str, module: nn.Module) -> bool:
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    if target.startswith("type:"):
+        return type(module).__name__ == target[5:]
+    return name == target or name.endswith("." + target)
+
+
+def resolve_targets(model: ImageClassifier, spec, backbone: Backbone):
+    """Return the spec with its targets replaced by exact ``re:`` names of backbone modules.
+
+    Empty targets mean the backbone family's defaults, except for BitFit (every bias) and NormTuning
+    (every norm layer), where they mean every such layer of the backbone.
+    """
+    targets = list(spec.targets)
+    if not targets and spec.method not in ("bitfit", "norm"):
+        targets = backbone.targets.get(spec.method, [])
+    chosen = []
+    for name, module in model.named_modules():
+        if not name.startswith("backbone."):
+            continue
+        local = name[len("backbone.") :]
+        if not targets and isinstance(spec, BitFit):
+            hit = isinstance(getattr(module, "bias", None), nn.Parameter)
+        elif not targets and isinstance(spec, NormTuning):
+            hit = isinstance(module, _NORM_TYPES)
+        else:
+            hit = any(_matches(t, local, module) or _matches(t, name, module) for t in targets)
+        if hit:
+            chosen.append(f"re:{re.escape(name)}")
+    if not chosen:
+        raise ValueError(
+            f"the {spec.method} adapter targets {targets} match no module of backbone "
+            f"'{backbone.provenance['name']}'; name its modules (e.g. q_proj, qkv, type:Conv2d)"
+        )
+    if isinstance(spec, PromptTuning) and spec.channels is None:
+        if backbone.token_width is None:
+            raise ValueError(
+                "prompt tuning needs a transformer backbone (visual prompt tokens); pick another method"
+            )
+        return replace(spec, targets=chosen, channels=backbone.token_width)
+    return replace(spec, targets=chosen)
+
+
+def freeze_unadapted_batchnorm(model: nn.Module) -> None:
+    """Put BatchNorm layers into eval mode unless they train themselves (full FT) or under NormTuning."""
+    norm_adapters = {name for name, spec in adapter_specs(model).items() if spec.method == "norm"}
+    tuned = {
+        id(module.base_layer)
+        for module in model.modules()
+        if hasattr(module, "adapters")
+        and any(
+            any(p.requires_grad for p in module.adapters[n].parameters())
+            for n in norm_adapters & set(module.adapters)
+        )
+    }
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in tuned:
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
+class _Classifier(ImageClassifier):
+    """The classifier whose ``train()`` keeps frozen BatchNorm statistics fixed."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            freeze_unadapted_batchnorm(self)
+        return self
+
+
+def build_classifier(
+    backbone: Backbone, method: str, spec, num_outputs: int, task: str, name: str, dropout: float = 0.0
+) -> tuple[ImageClassifier, object | None]:
+    """A fresh classifier on a copy of the backbone, prepared for ``method``.
+
+    Args:
+        backbone: Loaded once; its module is deep-copied, so every method starts from the same weights.
+        method: ``linear_probe``, ``full_finetune`` or ``adapter``.
+        spec: The adapter spec when ``method == "adapter"``.
+        num_outputs: Logits of the head.
+        task: binary, multiclass or multilabel.
+        name: Adapter name.
+        dropout: Dropout before the head.
+
+    Returns:
+        (model with only the parameters of the method trainable, the resolved spec or None).
+    """
+    copied = copy.copy(backbone)
+    copied.module = copy.deepcopy(backbone.module)
+    model = _Classifier(copied, num_outputs, task, dropout)
+    if method == "full_finetune":
+        model.requires_grad_(True)
+        return model, None
+    if method == "linear_probe":
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        return model, None
+    resolved = resolve_targets(model, spec, backbone)
+    add_adapter(model, resolved, name=name)
+    set_trainable(model, [name], extra=[HEAD])
+    return model, resolved
+
+
+def score_model(
+    model: nn.Module,
+    val_loader,
+    test_loader,
+    task: str,
+    metrics: list[str],
+    bootstrap: int,
+    seed: int,
+) -> tuple[EvaluationReport, tuple[np.ndarray, np.ndarray], float | None]:
+    """Predict val and test; pick the binary threshold on val (Youden's J) and evaluate test with it.
+
+    Returns:
+        (test report, (y_true, y_score) on test, threshold or None).
+    """
+    threshold = None
+    if task == "binary" and val_loader is not None:
+        y_val, s_val = predict_scores(model, val_loader)
+        threshold = youden_threshold(y_val, s_val)
+    y_test, s_test = predict_scores(model, test_loader)
+    report = evaluate(
+        task, y_test, s_test, metrics, bootstrap=bootstrap, seed=seed, threshold=threshold or 0.5
+    )
+    return report, (y_test, s_test), threshold
+
+
+@torch.no_grad()
+def outputs_equal(first: nn.Module, second: nn.Module, images: torch.Tensor) -> bool:
+    """Whether two models give identical logits on ``images`` (eval mode)."""
+    first.eval(), second.eval()
+    return bool(torch.equal(first(images), second(images)))

@@ -1,0 +1,279 @@
+"""The ``imaging/classification`` pipeline: adapters on ViT and CNN backbones, trained on MONAI data.
+
+From a recipe, ``run`` trains the recipe's stages (the primary model) and each baseline in ``compare``
+(``linear_probe``, ``full_finetune`` or another adapter method with the backbone's default targets) on
+the same data, seed and budget; picks each model's threshold on validation (Youden's J) and scores the
+test split with bootstrap intervals. ``data.options.sweep_fractions`` repeats all of it at several
+training-set fractions (the low-data experiment of Dutt et al. 2024) in one report.
+
+From lab code::
+
+    pipe = create_pipeline("imaging/classification", backbone="dinov2_small",
+                           adapter={"method": "lora", "r": 8}, train={"epochs": 2, "lr": 1e-3})
+    pipe.fit(train_dataset, val_dataset)        # MONAI datasets of {"image": (C, H, W) in [0, 1], "label"}
+    report = pipe.evaluate(test_dataset)        # report["auroc"].value / .low / .high
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader
+
+from pipelines.core.evaluation import EvaluationReport, RunResult
+from pipelines.core.peft import load_adapter, save_adapter, spec_from_dict
+from pipelines.core.registry import register_pipeline
+from pipelines.core.training import TrainConfig, TrainResult, train
+from pipelines.imaging import metrics as _metrics  # noqa: F401  (registers sensitivity/specificity)
+from pipelines.imaging.backbones import BackboneOptions, load_backbone
+from pipelines.imaging.data import (
+    PNEUMONIAMNIST,
+    TransformOptions,
+    build_transforms,
+    collate,
+    make_dataset,
+)
+from pipelines.imaging.methods import BASELINES, build_classifier, resolve_targets
+from pipelines.imaging.model import HEAD, classification_loss, predict_scores
+from pipelines.imaging.runs import run_recipe_pipeline
+
+__all__ = [
+    "ImagingOptions",
+    "DataOptions",
+    "StageOptions",
+    "ImagingClassificationPipeline",
+    "DEFAULT_METRICS",
+]
+
+DEFAULT_METRICS = {
+    "binary": ["auroc", "accuracy", "f1", "sensitivity", "specificity"],
+    "multiclass": ["auroc", "accuracy", "f1_macro"],
+    "multilabel": ["auroc", "f1_macro"],
+}
+
+
+class DataOptions(BaseModel):
+    """The recipe's ``data.options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(
+        None, description="An .npz, a folder of class sub-folders or a CSV; overrides dataset."
+    )
+    spatial_dims: Literal[2, 3] | None = Field(None, description="2D or 3D images; default: the backbone's.")
+    transforms: TransformOptions = Field(default_factory=TransformOptions, description="MONAI transforms.")
+    max_train: int | None = Field(
+        None, ge=1, description="Stratified cap on training images (after fraction)."
+    )
+    max_val: int | None = Field(None, ge=2, description="Stratified cap on validation images.")
+    max_test: int | None = Field(
+        None, ge=2, description="Stratified cap on test images (null: the full split)."
+    )
+    eval_batch_size: int = Field(128, ge=1, description="Batch size for validation and test predictions.")
+    sweep_fractions: list[float] | None = Field(
+        None, description="Training-set fractions to repeat every model at (low-data sweep); null: no sweep."
+    )
+
+
+class StageOptions(BaseModel):
+    """The recipe's ``stages[i].options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    head_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classification head.")
+    full_finetune_lr_scale: float = Field(
+        0.1, gt=0, description="The full_finetune baseline trains at this times the stage's lr."
+    )
+    linear_probe_lr_scale: float = Field(1.0, gt=0, description="The linear_probe baseline's lr factor.")
+    checkpoint_baselines: bool = Field(
+        False, description="Write training checkpoints for baselines too (full fine-tuning: ~4x the model)."
+    )
+
+
+class ImagingOptions(BaseModel):
+    """Options of ``imaging/classification`` (validated from the recipe's options sections)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: BackboneOptions = Field(default_factory=BackboneOptions, description="backbone.options")
+    data: DataOptions = Field(default_factory=DataOptions, description="data.options")
+    stages: list[StageOptions] = Field(default_factory=list, description="stages[i].options")
+
+
+def _as_spec(adapter: Any):
+    if adapter is None or hasattr(adapter, "method"):
+        return adapter
+    return spec_from_dict(dict(adapter))
+
+
+@register_pipeline("imaging/classification", options=ImagingOptions)
+class ImagingClassificationPipeline:
+    """Image classification with adapters on ViT/CNN backbones (timm, MONAI, transformers) and MONAI data."""
+
+    OBJECTIVES = ("classification",)
+    BASELINES = BASELINES
+    DATASETS = (PNEUMONIAMNIST.name,)
+
+    def __init__(
+        self,
+        backbone: str = "dinov2_small",
+        adapter: Any = None,
+        method: Literal["adapter", "linear_probe", "full_finetune"] | None = None,
+        task: str = "binary",
+        num_classes: int | None = None,
+        train: TrainConfig | dict | None = None,
+        backbone_options: dict | None = None,
+        transforms: TransformOptions | dict | None = None,
+        metrics: list[str] | None = None,
+        bootstrap: int = 1000,
+        seed: int = 0,
+        name: str = "task",
+        head_dropout: float = 0.0,
+        recipe: Any = None,
+        options: ImagingOptions | None = None,
+    ):
+        """Lab-code constructor.
+
+        Args:
+            backbone: A backbone name for :func:`load_backbone` (or an already loaded ``Backbone``).
+            adapter: An adapter spec or dict (``{"method": "lora", "r": 8}``); empty targets take the
+                backbone's defaults. None with ``method`` None trains a linear probe.
+            method: ``adapter`` (default when an adapter is given), ``linear_probe`` or ``full_finetune``.
+            task: binary, multiclass or multilabel.
+            num_classes: Head outputs; binary needs none (two logits).
+            train: TrainConfig (or dict) of ``fit``.
+            backbone_options: :class:`BackboneOptions` fields.
+            transforms: Transform settings used when ``fit`` gets plain records instead of a dataset.
+            metrics: Test metrics (default: AUROC, accuracy, F1, sensitivity, specificity for binary).
+            bootstrap: Bootstrap resamples of the 95% intervals.
+            seed: Seed of training and bootstrap.
+            name: Adapter name.
+            head_dropout: Dropout before the head.
+        """
+        self.backbone_name = backbone if isinstance(backbone, str) else backbone.provenance["name"]
+        self.backbone = None if isinstance(backbone, str) else backbone
+        self.backbone_options = dict(backbone_options or {})
+        self.adapter = _as_spec(adapter)
+        self.method = method or ("adapter" if self.adapter is not None else "linear_probe")
+        self.task = task
+        self.num_classes = num_classes
+        self.train_config = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
+        self.transforms = (
+            transforms if isinstance(transforms, TransformOptions) else TransformOptions(**(transforms or {}))
+        )
+        self.metrics = metrics or DEFAULT_METRICS.get(task)
+        self.bootstrap, self.seed, self.name, self.head_dropout = bootstrap, seed, name, head_dropout
+        self.recipe, self.options = recipe, options or ImagingOptions()
+        self.model = None
+        self.threshold: float | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe) -> ImagingClassificationPipeline:
+        """Build the pipeline from a validated recipe."""
+        from pipelines.core.recipe import pipeline_options
+
+        options = pipeline_options(recipe) or ImagingOptions()
+        return cls(
+            backbone=recipe.backbone.name,
+            backbone_options=options.backbone.model_dump(),
+            task=recipe.data.task or "binary",
+            seed=recipe.seed,
+            bootstrap=recipe.evaluation.bootstrap,
+            metrics=recipe.evaluation.metrics or None,
+            recipe=recipe,
+            options=options,
+        )
+
+    # ----- lab code -----------------------------------------------------------------------------------
+    def load_backbone(self):
+        """Load (once) and return the backbone."""
+        if self.backbone is None:
+            self.backbone = load_backbone(self.backbone_name, **self.backbone_options)
+        return self.backbone
+
+    def _outputs(self) -> int:
+        if self.task == "binary":
+            return 2
+        if self.num_classes is None:
+            raise ValueError(
+                f"task '{self.task}' needs num_classes; pass create_pipeline(..., num_classes=K)"
+            )
+        return self.num_classes
+
+    def build_model(self):
+        """A fresh classifier prepared for this pipeline's method (also used by ``fit``)."""
+        backbone = self.load_backbone()
+        model, resolved = build_classifier(
+            backbone, self.method, self.adapter, self._outputs(), self.task, self.name, self.head_dropout
+        )
+        self.model, self.resolved_adapter = model, resolved
+        return model
+
+    def _dataset(self, data, train: bool):
+        if isinstance(data, list):  # plain records: apply this pipeline's MONAI transforms
+            spatial = self.load_backbone().spatial_dims
+            from_files = bool(data) and isinstance(data[0]["image"], str)
+            return make_dataset(data, build_transforms(self.transforms, train, spatial, from_files))
+        return data
+
+    def fit(self, train_data, val=None, run_dir: Path | None = None) -> TrainResult:
+        """Train on a dataset of ``{"image", "label"}`` dicts (or records); pick the threshold on ``val``."""
+        model = self.model or self.build_model()
+        train_set, val_set = (
+            self._dataset(train_data, True),
+            self._dataset(val, False) if val is not None else None,
+        )
+        watch = self.train_config.early_stopping_patience or self.train_config.eval_every
+        result = train(
+            model, train_set, classification_loss, self.train_config, val_data=val_set if watch else None,
+            run_dir=run_dir, collate_fn=collate, seed=self.seed, progress=False,
+        )  # fmt: skip
+        if val_set is not None and self.task == "binary":
+            from pipelines.imaging.metrics import youden_threshold
+
+            self.threshold = youden_threshold(*predict_scores(model, self._loader(val_set)))
+        return result
+
+    def _loader(self, dataset) -> DataLoader:
+        size = self.options.data.eval_batch_size
+        return DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate)
+
+    def predict(self, data):
+        """(y_true, y_score) of the fitted model on a dataset or records."""
+        if self.model is None:
+            raise RuntimeError("the pipeline has no model yet; call fit() or load_adapter() first")
+        return predict_scores(self.model, self._loader(self._dataset(data, False)))
+
+    def evaluate(self, test) -> EvaluationReport:
+        """Score the fitted model on ``test`` at the validation threshold (0.5 without one)."""
+        from pipelines.core.evaluation import evaluate
+
+        y_true, y_score = self.predict(test)
+        threshold = self.threshold if self.threshold is not None else 0.5
+        return evaluate(self.task, y_true, y_score, self.metrics, self.bootstrap, self.seed, threshold)
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the adapter and head (native format, safetensors) into ``directory``."""
+        if self.model is None or self.resolved_adapter is None:
+            raise RuntimeError("there is no trained adapter to save; fit() an adapter method first")
+        return save_adapter(self.model, directory, name=self.name, extra=[HEAD])
+
+    def load_adapter(self, directory: str | Path):
+        """Build a fresh model and load an adapter saved by :meth:`save_adapter` into it."""
+        backbone = self.load_backbone()
+        model, _ = build_classifier(backbone, "linear_probe", None, self._outputs(), self.task, self.name)
+        self.name = load_adapter(model, directory)
+        self.model, self.resolved_adapter = (
+            model,
+            resolve_targets(model, self.adapter, backbone) if self.adapter else None,
+        )
+        return model
+
+    # ----- recipe path --------------------------------------------------------------------------------
+    def run(self, run_dir: Path, resume: bool = False) -> RunResult:
+        """Train the recipe's stages and baselines, score them on test and return the report's content."""
+        started = time.perf_counter()
+        return run_recipe_pipeline(self, Path(run_dir), resume, started)

@@ -1,0 +1,150 @@
+"""The imaging pipeline end to end on tiny random backbones and a synthetic MedMNIST-style file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.core.registry import create_pipeline
+from pipelines.core.runner import run_recipe
+
+
+def _images(n: int, size: int, seed: int, depth: int | None = None):
+    """Grey images whose class (0/1) sets the brightness of a centre square."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    shape = (n, depth, size, size) if depth else (n, size, size)
+    images = rng.integers(0, 120, shape).astype(np.uint8)
+    centre = slice(size // 4, 3 * size // 4)
+    if depth:
+        images[labels == 1, :, centre, centre] += 120
+    else:
+        images[labels == 1, centre, centre] += 120
+    return images, labels[:, None]
+
+
+@pytest.fixture
+def npz_file(tmp_path):
+    path = tmp_path / "tiny.npz"
+    arrays = {}
+    for split, n, seed in (("train", 48, 0), ("val", 16, 1), ("test", 20, 2)):
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = _images(n, 16, seed)
+    np.savez(path, **arrays)
+    return path
+
+
+def _recipe(tmp_path, npz_file, tiny_vit, compare="[linear_probe, full_finetune, ssf]", extra=""):
+    options = json.dumps(tiny_vit)
+    text = f"""
+name: tiny_vit_lora
+pipeline: imaging/classification
+seed: 0
+backbone: {{name: "timm:vit_tiny_patch16_224", options: {options}}}
+data:
+  dataset: {npz_file}
+  task: binary
+  options: {{transforms: {{image_size: 32, rotate_degrees: 5}}, eval_batch_size: 8{extra}}}
+stages:
+  - name: task
+    objective: classification
+    adapter: {{method: lora, r: 4, alpha: 8, targets: []}}
+    train: {{epochs: 3, batch_size: 8, lr: 0.01, log_every: 1}}
+evaluation: {{bootstrap: 50}}
+compare: {compare}
+"""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_recipe_run_trains_lora_and_baselines_and_writes_the_report(tmp_path, npz_file, tiny_vit):
+    run_dir = run_recipe(_recipe(tmp_path, npz_file, tiny_vit), output_dir=tmp_path / "runs")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["headline"]["metric"] == "auroc" and report["headline"]["model"] == "lora"
+    assert set(report["results"]) == {"lora", "linear_probe", "full_finetune", "ssf"}
+    assert set(report["results"]["lora"]) == {"auroc", "accuracy", "f1", "sensitivity", "specificity"}
+    params = report["parameters"]
+    assert params["linear_probe"]["trainable"] == 32 * 2 + 2  # the head only
+    assert params["full_finetune"]["trainable"] == params["full_finetune"]["total"]
+    lora_extra = 2 * (4 * 32 + 96 * 4)  # two blocks, A (4x32) and B (96x4) on each qkv
+    assert params["lora"]["trainable"] == 66 + lora_extra
+    assert report["backbone"]["weights"] == "random initialisation"
+    assert report["dataset"]["splits"] == {"train": 48, "val": 16, "test": 20}
+    assert any("identical logits" in note for note in report["notes"])
+    assert (run_dir / "adapters" / "task" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "roc.png").is_file()
+    rows = (run_dir / "train" / "lora" / "task" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(row)["loss"] for row in rows if '"loss"' in row]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_low_data_sweep_reports_every_model_at_every_fraction(tmp_path, npz_file, tiny_vit):
+    recipe = _recipe(tmp_path, npz_file, tiny_vit, "[linear_probe]", ", sweep_fractions: [0.25, 1.0]")
+    report = json.loads((run_recipe(recipe, output_dir=tmp_path / "runs") / "report.json").read_text())
+    assert set(report["results"]) == {"lora@25%", "linear_probe@25%", "lora@100%", "linear_probe@100%"}
+    assert report["headline"]["model"] == "lora@100%"
+    assert report["dataset"]["train_sizes_per_fraction"] == {"25%": 12, "100%": 48}
+
+
+def test_lab_code_ssf_on_a_monai_densenet_keeps_the_backbone_frozen(tmp_path, tiny_densenet):
+    from monai.data import Dataset
+
+    images, labels = _images(24, 16, 0)
+    data = [
+        {"image": torch.tensor(x[None] / 255.0, dtype=torch.float32), "label": int(y)}
+        for x, y in zip(images, labels[:, 0], strict=True)
+    ]
+    pipe = create_pipeline(
+        "imaging/classification",
+        backbone="monai:DenseNet",
+        backbone_options=tiny_densenet,
+        adapter={"method": "ssf", "targets": []},
+        train={"epochs": 2, "batch_size": 8, "lr": 0.01},
+        bootstrap=20,
+    )
+    model = pipe.build_model()
+    state = model.backbone.state_dict()
+    frozen = {k: v.clone() for k, v in state.items() if ".adapters." not in k}
+    adapters = {k: v.clone() for k, v in state.items() if ".adapters." in k}
+    result = pipe.fit(Dataset(data[:16]), val=Dataset(data[16:]))
+    after = model.backbone.state_dict()
+    assert result.steps == 4 and pipe.threshold is not None
+    assert [k for k, v in frozen.items() if not torch.equal(v, after[k])] == []  # weights and BN statistics
+    assert any(not torch.equal(v, after[k]) for k, v in adapters.items())
+    report = pipe.evaluate(Dataset(data[16:]))
+    assert report.n_examples == 8 and 0.0 <= report["auroc"].value <= 1.0
+    saved = pipe.save_adapter(tmp_path / "ssf")
+    other = create_pipeline("imaging/classification", backbone=pipe.backbone, adapter={"method": "ssf"})
+    other.load_adapter(saved)
+    assert np.array_equal(pipe.predict(Dataset(data[16:]))[1], other.predict(Dataset(data[16:]))[1])
+
+
+def test_conv_lora_on_a_3d_monai_resnet_and_prompt_tuning_on_a_vit(tiny_vit):
+    images, labels = _images(8, 16, 0, depth=8)
+    records = [{"image": x[None], "label": int(y)} for x, y in zip(images, labels[:, 0], strict=True)]
+    pipe = create_pipeline(
+        "imaging/classification",
+        backbone="monai:resnet10",
+        backbone_options={"pretrained": False, "spatial_dims": 3, "model_kwargs": {"widen_factor": 0.25}},
+        adapter={"method": "lora", "r": 2},
+        transforms={"image_size": 8, "augment": False},
+        train={"epochs": 1, "batch_size": 4},
+    )
+    pipe.fit(records)
+    adapted = [pipe.model.get_submodule(t[3:].replace("\\", "")) for t in pipe.resolved_adapter.targets]
+    convs = [m for m in pipe.load_backbone().module.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(adapted) == len(convs) > 0 and all(isinstance(m.base_layer, torch.nn.Conv3d) for m in adapted)
+    assert pipe.predict(records)[1].shape == (8,)
+    vit = create_pipeline(
+        "imaging/classification",
+        backbone="timm:vit_tiny_patch16_224",
+        backbone_options=tiny_vit,
+        adapter={"method": "prompt", "num_tokens": 3, "insert_at": 1},
+    )
+    model = vit.build_model()
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("prompt" in n for n in trainable) and {"head.weight", "head.bias"} <= trainable
