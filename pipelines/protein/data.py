@@ -29,6 +29,7 @@ __all__ = [
     "read_fasta",
     "read_fasta_records",
     "read_csv_records",
+    "read_residue_labels",
     "records_from_lists",
     "load_flip_gb1",
     "load_flip_secondary_structure",
@@ -288,7 +289,7 @@ def load_flip_gb1(
     )
 
 
-def _join_labels(
+def read_residue_labels(
     label_path: Path,
     sequence_path: Path,
     decode: dict[str, int],
@@ -296,8 +297,13 @@ def _join_labels(
     issues: DataIssues | None,
     mask_path: Path | None = None,
 ) -> list[ProteinRecord]:
-    sequences = dict(read_fasta(sequence_path))
-    masks = dict(read_fasta(mask_path)) if mask_path else {}
+    """Join a FLIP-style label FASTA (one label letter per residue) to its sequence FASTA by record ID.
+
+    ``decode`` maps label letters to class indices; a mask FASTA (``1`` resolved, ``0`` not) turns
+    unresolved residues into ``IGNORE_INDEX``.
+    """
+    sequences = {h.split()[0]: s for h, s in read_fasta(sequence_path) if h.split()}
+    masks = {h.split()[0]: s for h, s in read_fasta(mask_path) if h.split()} if mask_path else {}
     seen: set[str] = set()
     records = []
     for header, label_line in read_fasta(label_path):
@@ -337,7 +343,7 @@ def load_flip_secondary_structure(
 ) -> list[ProteinRecord]:
     """Load FLIP's ``sampled`` 3-state secondary structure split; unresolved residues are not scored."""
     folder = "flip/secondary_structure"
-    return _join_labels(
+    return read_residue_labels(
         dataset_file("flip_secondary_structure", f"{folder}/sampled.fasta"),
         dataset_file("flip_secondary_structure", f"{folder}/sequences.fasta"),
         {c: i for i, c in enumerate(SS3_CLASSES)},
@@ -360,7 +366,7 @@ def load_flip_bind(
         raise ProteinDataError(f"unknown ligand '{ligand}'; choose any or one of {', '.join(BIND_BITS)}")
     bit = 7 if ligand == "any" else BIND_BITS[ligand]
     decode = {str(v): int(bool(v & bit)) for v in range(8)}
-    return _join_labels(
+    return read_residue_labels(
         dataset_file("flip_bind", f"flip/bind/{split}.fasta"),
         dataset_file("flip_bind", "flip/bind/sequences.fasta"),
         decode,

@@ -108,7 +108,7 @@ def _flip_files(root, labels_line="HHEC"):
 
 
 def test_per_residue_labels_join_mask_and_check_length(tmp_path, monkeypatch):
-    from pipelines.protein.data import _join_labels
+    from pipelines.protein.data import read_residue_labels
 
     folder = _flip_files(tmp_path)
     decode = {"H": 0, "E": 1, "C": 2}
@@ -120,15 +120,18 @@ def test_per_residue_labels_join_mask_and_check_length(tmp_path, monkeypatch):
         None,
         folder / "mask.fasta",
     )
-    records = _join_labels(*args)
+    records = read_residue_labels(*args)
     assert records[0].residue_labels == (IGNORE_INDEX, 0, 1, 2) and records[1].split == "test"
     (folder / "sampled.fasta").write_text(">p1 SET=train VALIDATION=False\nHHE\n")
     with pytest.raises(
         ProteinDataError, match="record 'p1' in .* has a label line of 3 characters for a sequence of 4"
     ):
-        _join_labels(*args)
+        read_residue_labels(*args)
     issues = DataIssues()
-    assert _join_labels(*args[:3], "skip", issues, args[5]) == [] and issues.skipped["invalid record"] == 1
+    assert (
+        read_residue_labels(*args[:3], "skip", issues, args[5]) == []
+        and issues.skipped["invalid record"] == 1
+    )
 
 
 def test_flip_gb1_from_mirror(flip_mirror):

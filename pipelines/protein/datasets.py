@@ -1,0 +1,215 @@
+"""From a recipe's ``data`` section to train/valid/test records: FLIP datasets or the user's own files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.core.data import get_dataset, sha256_file
+from pipelines.protein.data import (
+    BIND_SPLITS,
+    GB1_SPLITS,
+    SS3_CLASSES,
+    DataIssues,
+    ProteinDataError,
+    ProteinRecord,
+    limit_length,
+    load_flip_bind,
+    load_flip_gb1,
+    load_flip_secondary_structure,
+    read_csv_records,
+    read_residue_labels,
+    split_records,
+)
+
+__all__ = ["DataOptions", "RESIDUE_DATASETS", "SEQUENCE_DATASETS", "load_splits"]
+
+SEQUENCE_DATASETS = ("flip_gb1",)
+RESIDUE_DATASETS = ("flip_secondary_structure", "flip_bind")
+
+
+class DataOptions(BaseModel):
+    """The recipe's ``data.options`` of the protein pipelines."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: str | None = Field(
+        None,
+        description="FLIP split: GB1 one_vs_rest ... sampled (default three_vs_rest), bind one_vs_many ...",
+    )
+    ligand: Literal["any", "small_molecule", "nucleic_acid", "metal"] = Field(
+        "any", description="FLIP bind: which ligand class counts as binding."
+    )
+    path: str | None = Field(
+        None, description="Own data: a CSV, or a FASTA of sequences or of residue labels."
+    )
+    sequences_path: str | None = Field(None, description="Own per-residue data: the FASTA of sequences.")
+    label_classes: str | None = Field(None, description="Own per-residue data: label letters in class order.")
+    sequence_column: str = Field("sequence", description="CSV column with the sequence.")
+    target_column: str = Field("target", description="CSV column with the target.")
+    split_column: str | None = Field("set", description="CSV column with train/valid/test (null: none).")
+    on_invalid: Literal["error", "skip"] = Field(
+        "error", description="A bad record is an error naming it, or skipped and counted in the report."
+    )
+    long_sequences: Literal["crop", "refuse", "skip"] = Field(
+        "refuse",
+        description="Sequences longer than max_residues: crop to the first residues, refuse, or skip.",
+    )
+    max_residues: int | None = Field(None, ge=1, description="Residue limit (default: the backbone's, 1022).")
+    valid_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Held out of train when there is no valid split."
+    )
+    max_train: int | None = Field(None, ge=2, description="Seeded cap on training records (after fraction).")
+    max_valid: int | None = Field(None, ge=2, description="Seeded cap on validation records.")
+    max_test: int | None = Field(None, ge=2, description="Seeded cap on test records (null: the full split).")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size for validation and test predictions.")
+
+
+def _flip(dataset: str, options: DataOptions, issues: DataIssues) -> tuple[list[ProteinRecord], str | None]:
+    if dataset == "flip_gb1":
+        split = options.split or "three_vs_rest"
+        return load_flip_gb1(split, options.on_invalid, issues), split
+    if dataset == "flip_secondary_structure":
+        if options.split not in (None, "sampled"):
+            raise ProteinDataError(
+                f"FLIP secondary structure has only the 'sampled' split, not '{options.split}'"
+            )
+        return load_flip_secondary_structure(options.on_invalid, issues), "sampled"
+    split = options.split or "one_vs_many"
+    return load_flip_bind(split, options.ligand, options.on_invalid, issues), split
+
+
+def _own(options: DataOptions, level: str, issues: DataIssues) -> list[ProteinRecord]:
+    path = Path(options.path).expanduser()
+    if not path.is_file():
+        raise ProteinDataError(
+            f"data file {path} does not exist; set data.options.path to a CSV or FASTA file"
+        )
+    if path.suffix.lower() in (".csv", ".tsv"):
+        if level == "residue":
+            raise ProteinDataError(
+                f"{path} is a CSV, but per-residue labels come as FASTA: path = the label FASTA, "
+                "sequences_path = the sequence FASTA (FLIP's layout)"
+            )
+        return read_csv_records(
+            path, options.sequence_column, options.target_column, options.split_column,
+            on_invalid=options.on_invalid, issues=issues,
+        )  # fmt: skip
+    if level == "residue":
+        if not options.sequences_path or not options.label_classes:
+            raise ProteinDataError(
+                f"per-residue labels in {path} need data.options.sequences_path (the sequence FASTA) and "
+                "label_classes (the label letters in class order, e.g. HEC)"
+            )
+        decode = {c: i for i, c in enumerate(options.label_classes)}
+        return read_residue_labels(
+            path, Path(options.sequences_path).expanduser(), decode, options.on_invalid, issues
+        )
+    raise ProteinDataError(
+        f"{path} is not a CSV; per-sequence targets come in a CSV (data.options.path) with sequence and "
+        "target columns"
+    )
+
+
+def _subsample(records: list[ProteinRecord], cap: int | None, seed: int) -> list[ProteinRecord]:
+    if cap is None or len(records) <= cap:
+        return records
+    keep = np.sort(np.random.default_rng(seed).choice(len(records), size=cap, replace=False))
+    return [records[i] for i in keep]
+
+
+def load_splits(
+    dataset: str,
+    options: DataOptions,
+    level: str,
+    max_residues: int,
+    fraction: float = 1.0,
+    seed: int = 0,
+    records: list[ProteinRecord] | None = None,
+) -> tuple[dict[str, list[ProteinRecord]], dict[str, Any], DataIssues]:
+    """Load a dataset's records and cut them into train/valid/test.
+
+    Args:
+        dataset: A registered FLIP dataset, a path to the user's own file, or any name when
+            ``options.path`` (or ``records``) is given.
+        options: The recipe's data options.
+        level: ``sequence`` or ``residue``.
+        max_residues: The residue limit (``options.max_residues`` wins when set).
+        fraction: Seeded fraction of the training split kept.
+        seed: Seed of the subsampling and of the validation hold-out.
+        records: Records given directly (lab code); their split field decides the split.
+
+    Returns:
+        ``(splits, dataset_info, issues)``; dataset_info has the name, split name, file checksums and sizes.
+    """
+    issues = DataIssues()
+    split_name, files = None, {}
+    if not options.path and ("/" in dataset or dataset.endswith((".csv", ".tsv", ".fasta", ".fa"))):
+        options = options.model_copy(update={"path": dataset})  # data.dataset names the user's own file
+    if records is None and options.path:
+        records = _own(options, level, issues)
+        files = {str(Path(options.path).expanduser()): sha256_file(Path(options.path).expanduser())}
+        if options.sequences_path:
+            sequences = Path(options.sequences_path).expanduser()
+            files[str(sequences)] = sha256_file(sequences)
+    elif records is None:
+        wanted = RESIDUE_DATASETS if level == "residue" else SEQUENCE_DATASETS
+        if dataset not in wanted:
+            raise ProteinDataError(
+                f"dataset '{dataset}' is not a {level}-level protein dataset (choose {', '.join(wanted)}, or "
+                "give your own file in data.options.path)"
+            )
+        known = (
+            GB1_SPLITS if dataset == "flip_gb1" else BIND_SPLITS if dataset == "flip_bind" else ("sampled",)
+        )
+        if options.split is not None and options.split not in known:
+            raise ProteinDataError(
+                f"dataset '{dataset}' has no split '{options.split}'; choose {', '.join(known)}"
+            )
+        records, split_name = _flip(dataset, options, issues)
+        files = {rel: digest for rel, digest in get_dataset(dataset).files.items() if _used(rel, split_name)}
+    limit = options.max_residues or max_residues
+    records = limit_length(records, limit, options.long_sequences, issues)
+    groups = split_records(records)
+    if not groups["test"]:
+        raise ProteinDataError(
+            f"dataset '{dataset}' has no test records; mark some as test in its split column"
+        )
+    if not groups["valid"]:
+        order = np.random.default_rng(seed).permutation(len(groups["train"]))
+        cut = max(1, int(round(options.valid_fraction * len(order))))
+        held = set(order[:cut].tolist())
+        groups["valid"] = [r for i, r in enumerate(groups["train"]) if i in held]
+        groups["train"] = [r for i, r in enumerate(groups["train"]) if i not in held]
+    if fraction < 1.0:
+        groups["train"] = _subsample(
+            groups["train"], max(2, int(round(fraction * len(groups["train"])))), seed
+        )
+    groups["train"] = _subsample(groups["train"], options.max_train, seed)
+    groups["valid"] = _subsample(groups["valid"], options.max_valid, seed + 1)
+    groups["test"] = _subsample(groups["test"], options.max_test, seed + 2)
+    info = {
+        "name": dataset,
+        "split": split_name,
+        "sizes": {k: len(v) for k, v in groups.items() if k in ("train", "valid", "test")},
+        "sha256": files,
+        "residue_limit": limit,
+        "long_sequences": options.long_sequences,
+        "issues": issues.as_dict(),
+    }
+    return groups, info, issues
+
+
+def _used(relpath: str, split: str | None) -> bool:
+    name = Path(relpath).stem
+    return name in ("sequences", "mask") or name == split
+
+
+def residue_classes(dataset: str, options: DataOptions) -> int:
+    """Number of per-residue classes of a dataset: 3 for secondary structure, 2 for binding sites."""
+    if options.label_classes:
+        return len(options.label_classes)
+    return len(SS3_CLASSES) if dataset == "flip_secondary_structure" else 2

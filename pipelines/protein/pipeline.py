@@ -1,0 +1,373 @@
+"""The protein pipelines: LoRA (or another core adapter) on ESM-2 for per-sequence and per-residue tasks.
+
+``protein/sequence``: per-sequence regression (Spearman, Pearson, MSE) or classification (AUROC,
+accuracy, MCC) with mean or BOS pooling. ``protein/residue``: per-residue classification (Q3 for
+3-state secondary structure, per-residue AUROC and MCC for binding sites). A recipe may start with a
+``masked_lm`` stage (evotuning: a LoRA adapter adapts the language model to the sequences first); the
+task stage then trains its own adapter on top. Baselines: ``one_hot`` (ridge / logistic regression on
+one-hot encodings) and ``linear_probe`` (the same linear models on frozen backbone features).
+
+From lab code::
+
+    lora = {"method": "lora", "r": 4, "alpha": 1, "targets": ["q", "k", "v", "dense"]}
+    pipe = create_pipeline("protein/sequence", task="regression", backbone="esm2_small_random",
+                           adapter=lora, train={"epochs": 5, "lr": 3e-4})
+    pipe.fit((train_sequences, train_targets))
+    report = pipe.evaluate((test_sequences, test_targets))      # report["spearman"].value / .low / .high
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipelines.core.evaluation import EvaluationReport, RunResult, evaluate
+from pipelines.core.peft import (
+    LoRA,
+    add_adapter,
+    load_adapter,
+    save_adapter,
+    set_trainable,
+    spec_from_dict,
+)
+from pipelines.core.registry import register_pipeline
+from pipelines.core.training import TrainConfig, TrainResult, train
+from pipelines.protein.backbones import expand_targets, load_backbone
+from pipelines.protein.batching import MaskedLMCollator, ProteinDataset, TaskCollator
+from pipelines.protein.data import ProteinDataError, ProteinRecord, records_from_lists
+from pipelines.protein.datasets import RESIDUE_DATASETS, SEQUENCE_DATASETS, DataOptions
+from pipelines.protein.metrics import register_protein_metrics
+from pipelines.protein.model import ProteinModel
+
+__all__ = ["ProteinOptions", "StageOptions", "BackboneOptions", "SequencePipeline", "ResiduePipeline"]
+
+register_protein_metrics()
+DEFAULT_METRICS = {
+    "regression": ["spearman", "pearson", "mse"],
+    "binary": ["auroc", "accuracy", "mcc"],
+    "multiclass": ["accuracy", "auroc", "mcc"],
+}
+HEAD = "head"
+
+
+class BackboneOptions(BaseModel):
+    """The recipe's ``backbone.options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_residues: int | None = Field(None, ge=1, description="Residue limit of the model (default 1022).")
+    checkpoint_dir: str | None = Field(None, description="Folder with fair-esm <name>.pt files.")
+    seed: int | None = Field(None, ge=0, description="Initialisation seed of a random backbone (default 0).")
+    num_layers: int | None = Field(None, ge=1, description="Random backbone: transformer layers.")
+    embed_dim: int | None = Field(None, ge=8, description="Random backbone: embedding size.")
+    attention_heads: int | None = Field(None, ge=1, description="Random backbone: attention heads.")
+
+
+class StageOptions(BaseModel):
+    """The recipe's ``stages[i].options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    last_n_layers: int | None = Field(None, ge=1, description="Adapt only the last N transformer layers.")
+    pooling: Literal["mean", "bos"] = Field(
+        "mean", description="Per-sequence pooling: mean or BOS/CLS token."
+    )
+    mask_probability: float = Field(0.15, gt=0, lt=1, description="masked_lm: fraction of residues masked.")
+    sequences_path: str | None = Field(
+        None, description="masked_lm: FASTA of family sequences (default: the task's training sequences)."
+    )
+
+
+class ProteinOptions(BaseModel):
+    """Options of the protein pipelines (validated from the recipe's options sections)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: BackboneOptions = Field(default_factory=BackboneOptions, description="backbone.options")
+    data: DataOptions = Field(default_factory=DataOptions, description="data.options")
+    stages: list[StageOptions] = Field(default_factory=list, description="stages[i].options")
+
+
+def as_spec(adapter: Any) -> Any:
+    """An adapter spec from a spec, a dict (``{"method": "lora", ...}``) or None."""
+    if adapter is None or hasattr(adapter, "method"):
+        return adapter
+    return spec_from_dict(dict(adapter))
+
+
+class _ProteinPipeline:
+    LEVEL = "sequence"
+    OBJECTIVES = ("masked_lm", "regression", "classification")
+    BASELINES = ("one_hot", "linear_probe")
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "esm2_small_random",
+        task: str = "regression",
+        adapter: Any = None,
+        train: TrainConfig | dict | None = None,
+        last_n_layers: int | None = None,
+        pooling: Literal["mean", "bos"] = "mean",
+        num_classes: int | None = None,
+        backbone_options: dict | None = None,
+        data_options: DataOptions | dict | None = None,
+        metrics: list[str] | None = None,
+        bootstrap: int = 1000,
+        seed: int = 0,
+        name: str = "task",
+        recipe: Any = None,
+        options: ProteinOptions | None = None,
+    ):
+        """Lab-code constructor.
+
+        Args:
+            backbone: A name for :func:`~pipelines.protein.backbones.load_backbone`, or a loaded backbone.
+            task: ``regression``, ``binary`` or ``multiclass``.
+            adapter: A spec or dict; targets may be role names (``q``, ``k``, ``v``, ``out``, ``fc1``,
+                ``fc2``, ``query``, ``key``, ``value``, ``dense``). Default: LoRA r=8 on q, k, v, out.
+            train: TrainConfig (or dict) of :meth:`fit`.
+            last_n_layers: Adapt only the last N layers.
+            pooling: ``mean`` or ``bos`` (per-sequence tasks).
+            num_classes: Classes of a multiclass task (default: from the training labels).
+            backbone_options: Options of ``load_backbone`` (``max_residues``, ``checkpoint_dir``...).
+            data_options: Length policy, batch size and checks (:class:`DataOptions`).
+            metrics: Test metrics (default per task).
+            bootstrap: Bootstrap resamples of the 95% intervals.
+            seed: Seed of head initialisation, training and bootstrap.
+            name: Adapter name.
+        """
+        if task not in DEFAULT_METRICS:
+            raise ValueError(f"unknown protein task '{task}'; choose regression, binary or multiclass")
+        if self.LEVEL == "residue" and task == "regression":
+            raise ValueError(
+                "per-residue protein tasks are classification (binary or multiclass), not regression"
+            )
+        self.backbone_spec = backbone
+        self.backbone: nn.Module | None = None if isinstance(backbone, str) else backbone
+        self.provenance: dict | None = None if isinstance(backbone, str) else _given_provenance(backbone)
+        self.backbone_options = {k: v for k, v in (backbone_options or {}).items() if v is not None}
+        self.task = task
+        default = LoRA(r=8, alpha=16, targets=["q", "k", "v", "out"])
+        self.adapter = as_spec(adapter) if adapter is not None else default
+        self.train_config = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
+        self.last_n_layers, self.pooling, self.num_classes = last_n_layers, pooling, num_classes
+        if isinstance(data_options, DataOptions):
+            self.data_options = data_options
+        else:
+            self.data_options = DataOptions(**(data_options or {}))
+        self.metrics = metrics or DEFAULT_METRICS[task]
+        self.bootstrap, self.seed, self.name = bootstrap, seed, name
+        self.recipe, self.options = recipe, options or ProteinOptions()
+        self.model: ProteinModel | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> _ProteinPipeline:
+        """Build the pipeline from a validated recipe."""
+        from pipelines.core.recipe import pipeline_options
+
+        options = pipeline_options(recipe) or ProteinOptions()
+        stage = options.stages[-1] if len(options.stages) == len(recipe.stages) else StageOptions()
+        return cls(
+            backbone=recipe.backbone.name,
+            task=recipe.data.task or ("regression" if cls.LEVEL == "sequence" else "multiclass"),
+            adapter=recipe.stages[-1].adapter,
+            train=recipe.stages[-1].train,
+            last_n_layers=stage.last_n_layers,
+            pooling=stage.pooling,
+            backbone_options=options.backbone.model_dump(),
+            data_options=options.data,
+            metrics=recipe.evaluation.metrics or None,
+            bootstrap=recipe.evaluation.bootstrap,
+            seed=recipe.seed,
+            name=recipe.stages[-1].name,
+            recipe=recipe,
+            options=options,
+        )
+
+    # ----- building blocks ----------------------------------------------------------------------------
+    def load_backbone(self) -> nn.Module:
+        """Load (once) and return the backbone; ``self.provenance`` says where its weights came from."""
+        if self.backbone is None:
+            self.backbone, self.provenance = load_backbone(self.backbone_spec, **self.backbone_options)
+        return self.backbone
+
+    def records(self, data: Any) -> list[ProteinRecord]:
+        """Records from records, ``(sequences, targets_or_labels)`` or ``{"sequences", "targets"}``."""
+        if isinstance(data, dict):
+            labels = data.get("residue_labels") if self.LEVEL == "residue" else None
+            return records_from_lists(data["sequences"], data.get("targets"), labels, data.get("ids"))
+        if isinstance(data, tuple) and len(data) == 2:
+            sequences, values = data
+            if self.LEVEL == "residue":
+                return records_from_lists(list(sequences), residue_labels=list(values))
+            return records_from_lists(list(sequences), targets=list(values))
+        if isinstance(data, list) and all(isinstance(r, ProteinRecord) for r in data):
+            return data
+        raise ProteinDataError(
+            "protein data must be a list of ProteinRecord, a (sequences, targets) tuple or a dict with "
+            "'sequences' and 'targets' (or 'residue_labels' for per-residue tasks)"
+        )
+
+    def model_task(self) -> str:
+        return "residue" if self.LEVEL == "residue" else self.task
+
+    def classes(self, train_records: list[ProteinRecord]) -> int:
+        if self.task == "binary":
+            return 2
+        if self.num_classes is not None:
+            return self.num_classes
+        if self.task == "regression":
+            return 1
+        if self.LEVEL == "residue":
+            return max(max(r.residue_labels or (0,)) for r in train_records) + 1
+        return int(max(r.target for r in train_records)) + 1
+
+    def build_model(self, train_records: list[ProteinRecord]) -> ProteinModel:
+        """A fresh backbone + head (seeded), with regression targets standardised on ``train_records``."""
+        import torch
+
+        backbone = self.load_backbone()
+        mean, std = 0.0, 1.0
+        if self.task == "regression":
+            targets = np.asarray([r.target for r in train_records], dtype=np.float64)
+            mean, std = float(targets.mean()), float(targets.std()) or 1.0
+        torch.manual_seed(self.seed)
+        num_classes = max(2, self.classes(train_records))
+        self.model = ProteinModel(backbone, self.model_task(), num_classes, self.pooling, mean, std)
+        return self.model
+
+    def resolve_spec(self, spec: Any, last_n_layers: int | None) -> Any:
+        """The spec with role names expanded into this backbone's module patterns."""
+        if spec is None:
+            return None
+        targets = expand_targets(self.load_backbone(), list(spec.targets), last_n_layers)
+        return replace(spec, targets=targets)
+
+    def loader(self, records: list[ProteinRecord], shuffle: bool = False) -> DataLoader:
+        collate = TaskCollator(self.load_backbone().vocabulary, self.model_task())
+        size = self.data_options.eval_batch_size
+        return DataLoader(ProteinDataset(records), batch_size=size, shuffle=shuffle, collate_fn=collate)
+
+    def validation_fn(self, records: list[ProteinRecord]) -> Any:
+        """evaluate_fn for the training loop: validation loss plus the task's first metrics."""
+        loader = self.loader(records)
+
+        def evaluate_fn(model: ProteinModel) -> dict[str, float]:
+            import torch
+
+            with torch.no_grad():
+                losses = [(model.loss(batch).item(), len(batch["tokens"])) for batch in loader]
+            y_true, y_score = model.predict(loader)
+            task = "regression" if self.task == "regression" else self.task
+            names = ["spearman"] if task == "regression" else ["accuracy"]
+            report = evaluate(task, y_true, y_score, names, bootstrap=0)
+            loss = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses))
+            return {"loss": loss, **{k: float(report[k].value) for k in names}}
+
+        return evaluate_fn
+
+    def train_task(
+        self, model: ProteinModel, spec: Any, name: str, config: TrainConfig, train_records, val_records,
+        run_dir: Path | None = None, resume: bool = False, trainable: list[str] | None = None,
+    ) -> TrainResult:  # fmt: skip
+        """Add the (resolved) adapter ``name`` and train it with the head on the task loss."""
+        if spec is not None:
+            add_adapter(model, spec, name=name)
+        names = trainable if trainable is not None else ([name] if spec is not None else [])
+        set_trainable(model, names, extra=[HEAD])
+        collate = TaskCollator(model.vocabulary, self.model_task())
+        return train(
+            model, ProteinDataset(train_records), lambda m, batch: m.loss(batch), config,
+            evaluate_fn=self.validation_fn(val_records) if val_records else None,
+            run_dir=run_dir, resume=resume, collate_fn=collate, seed=self.seed, progress=False,
+        )  # fmt: skip
+
+    def train_masked_lm(
+        self, model: ProteinModel, spec: Any, name: str, config: TrainConfig, sequences, val_sequences,
+        mask_probability: float = 0.15, run_dir: Path | None = None, resume: bool = False,
+        trainable: list[str] | None = None,
+    ) -> TrainResult:  # fmt: skip
+        """Evotuning: add adapter ``name`` and train it on masked-residue prediction."""
+        if spec is None:
+            raise ValueError(f"the masked_lm stage '{name}' needs an adapter (e.g. LoRA) to train")
+        add_adapter(model, spec, name=name)
+        set_trainable(model, trainable or [name])
+        vocabulary = model.vocabulary
+        return train(
+            model, ProteinDataset(sequences), lambda m, batch: m.masked_lm_loss(batch), config,
+            val_data=ProteinDataset(val_sequences) if val_sequences else None,
+            run_dir=run_dir, resume=resume, collate_fn=MaskedLMCollator(vocabulary, mask_probability),
+            seed=self.seed, progress=False,
+        )  # fmt: skip
+
+    # ----- lab code -----------------------------------------------------------------------------------
+    def fit(self, train_data: Any, val: Any = None, run_dir: Path | None = None) -> TrainResult:
+        """Train the adapter and head on ``train_data`` (validation metrics each epoch when ``val``)."""
+        train_records = self.records(train_data)
+        val_records = self.records(val) if val is not None else None
+        model = self.build_model(train_records)
+        spec = self.resolve_spec(self.adapter, self.last_n_layers)
+        return self.train_task(model, spec, self.name, self.train_config, train_records, val_records, run_dir)
+
+    def predict(self, data: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(y_true, y_score)`` of the fitted model (y_true empty when the data has no labels)."""
+        if self.model is None:
+            raise RuntimeError("the pipeline has no model yet; call fit() or load_adapter() first")
+        return self.model.predict(self.loader(self.records(data)))
+
+    def evaluate(self, test: Any) -> EvaluationReport:
+        """Metrics with 95% bootstrap intervals on ``test``."""
+        y_true, y_score = self.predict(test)
+        return evaluate(self.task, y_true, y_score, self.metrics, self.bootstrap, self.seed)
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the adapter and head (native format, safetensors) into ``directory``."""
+        if self.model is None:
+            raise RuntimeError("there is no trained model to save; call fit() first")
+        return save_adapter(self.model, directory, name=self.name, extra=[HEAD])
+
+    def load_adapter(self, directory: str | Path, num_classes: int | None = None) -> ProteinModel:
+        """A fresh model with the adapter and head saved by :meth:`save_adapter`."""
+        import torch
+
+        outputs = num_classes or self.num_classes or 2
+        self.model = ProteinModel(self.load_backbone(), self.model_task(), max(2, outputs), self.pooling)
+        with torch.no_grad():
+            self.name = load_adapter(self.model, directory)
+        return self.model
+
+    # ----- recipe path --------------------------------------------------------------------------------
+    def run(self, run_dir: Path, resume: bool = False) -> RunResult:
+        """Train the recipe's stages and baselines, score them on test and return the report's content."""
+        from pipelines.protein.runs import run_protein_recipe
+
+        return run_protein_recipe(self, Path(run_dir), resume)
+
+
+def _given_provenance(backbone: nn.Module) -> dict:
+    given = getattr(backbone, "provenance", None)
+    if isinstance(given, dict):
+        return given
+    return {"name": type(backbone).__name__, "source": "passed in by the caller", "weights": "not recorded"}
+
+
+@register_pipeline("protein/sequence", options=ProteinOptions)
+class SequencePipeline(_ProteinPipeline):
+    """Per-sequence protein regression or classification with LoRA on ESM-2 (FLIP GB1, own CSV files)."""
+
+    LEVEL = "sequence"
+    DATASETS = SEQUENCE_DATASETS
+
+
+@register_pipeline("protein/residue", options=ProteinOptions)
+class ResiduePipeline(_ProteinPipeline):
+    """Per-residue protein classification with LoRA on ESM-2 (FLIP secondary structure, binding sites)."""
+
+    LEVEL = "residue"
+    DATASETS = RESIDUE_DATASETS
