@@ -165,3 +165,32 @@ def test_gb1_demo_quick_variant_on_the_mirror(flip_mirror, tmp_path):
     }
     assert report["dataset"]["issues"]["cropped"] == 8733  # every record is cropped before subsampling
     assert set(report["results"]) == {"one_hot", "linear_probe", "lora"}
+
+
+ATTENTION_AND_FEED_FORWARD = [f"self_attn.{p}_proj" for p in ("q", "k", "v", "out")] + ["fc1", "fc2"]
+SLEDZIESKI = [f"{i}.self_attn.{p}_proj" for i in range(25, 33) for p in "kv"]
+
+
+@pytest.mark.parametrize(
+    "name,layers,expected",
+    [
+        ("protein/gb1_esm2_650m_sledzieski", 33, SLEDZIESKI),
+        (
+            "protein/gb1_esm2_3b_schmirler",
+            36,
+            [f"{i}.{m}" for i in range(36) for m in ATTENTION_AND_FEED_FORWARD],
+        ),
+    ],
+)
+def test_published_recipes_adapt_the_published_layers(name, layers, expected):
+    import re
+
+    from pipelines.core.recipe import pipeline_options
+    from pipelines.protein.backbones import expand_targets, random_esm2
+
+    recipe = load_recipe(find_recipe(name), check=False)
+    stage, options = recipe.stages[0], pipeline_options(recipe).stages[0]
+    backbone, _ = random_esm2(num_layers=layers, embed_dim=8, attention_heads=2)  # the layer layout only
+    patterns = [t[3:] for t in expand_targets(backbone, stage.adapter.targets, options.last_n_layers)]
+    names = [n for n, _ in backbone.named_modules() if any(re.fullmatch(p, n) for p in patterns)]
+    assert sorted(names) == sorted(f"model.layers.{e}" for e in expected)
