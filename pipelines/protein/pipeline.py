@@ -336,7 +336,7 @@ class _ProteinPipeline:
         """A fresh model with the adapter and head saved by :meth:`save_adapter`."""
         import torch
 
-        outputs = num_classes or self.num_classes or 2
+        outputs = num_classes or self.num_classes or _saved_outputs(Path(directory))
         self.model = ProteinModel(self.load_backbone(), self.model_task(), max(2, outputs), self.pooling)
         with torch.no_grad():
             self.name = load_adapter(self.model, directory)
@@ -348,6 +348,21 @@ class _ProteinPipeline:
         from pipelines.protein.runs import run_protein_recipe
 
         return run_protein_recipe(self, Path(run_dir), resume)
+
+
+def _saved_outputs(directory: Path) -> int:
+    """Outputs of the head saved with an adapter (1 for regression, the classes otherwise)."""
+    from safetensors import safe_open
+
+    path = directory / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the folder that save_adapter() wrote")
+    with safe_open(str(path), "pt") as handle:
+        if f"{HEAD}.linear.weight" not in handle.keys():
+            raise ValueError(
+                f"{path} holds no task head ({HEAD}.linear.weight); was it saved by a protein pipeline?"
+            )
+        return handle.get_slice(f"{HEAD}.linear.weight").get_shape()[0]
 
 
 def _given_provenance(backbone: nn.Module) -> dict:

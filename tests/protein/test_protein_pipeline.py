@@ -194,3 +194,19 @@ def test_published_recipes_adapt_the_published_layers(name, layers, expected):
     patterns = [t[3:] for t in expand_targets(backbone, stage.adapter.targets, options.last_n_layers)]
     names = [n for n, _ in backbone.named_modules() if any(re.fullmatch(p, n) for p in patterns)]
     assert sorted(names) == sorted(f"model.layers.{e}" for e in expected)
+
+
+def test_multiclass_adapter_reload_reads_the_number_of_classes_from_the_file(tmp_path):
+    sequences, counts = _toy_regression(24)
+    labels = [min(int(c), 2) for c in counts]
+    pipe = create_pipeline("protein/sequence", backbone="esm2_tiny_random", task="multiclass",
+                           train={"epochs": 1, "batch_size": 8}, bootstrap=0)  # fmt: skip
+    pipe.fit((sequences, labels))
+    assert pipe.model.head.linear.out_features == 3
+    expected = pipe.predict((sequences, labels))[1]
+    pipe.save_adapter(tmp_path / "a")
+    fresh = create_pipeline("protein/sequence", backbone="esm2_tiny_random", task="multiclass")
+    fresh.load_adapter(tmp_path / "a")
+    np.testing.assert_array_equal(fresh.predict((sequences, labels))[1], expected)
+    with pytest.raises(FileNotFoundError, match="pass the folder that save_adapter"):
+        fresh.load_adapter(tmp_path / "missing")
