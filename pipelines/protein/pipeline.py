@@ -40,7 +40,7 @@ from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult, train
 from pipelines.protein.backbones import expand_targets, load_backbone
 from pipelines.protein.batching import MaskedLMCollator, ProteinDataset, TaskCollator
-from pipelines.protein.data import ProteinDataError, ProteinRecord, records_from_lists
+from pipelines.protein.data import ProteinDataError, ProteinRecord, limit_length, records_from_lists
 from pipelines.protein.datasets import RESIDUE_DATASETS, SEQUENCE_DATASETS, DataOptions
 from pipelines.protein.metrics import register_protein_metrics
 from pipelines.protein.model import ProteinModel
@@ -198,7 +198,14 @@ class _ProteinPipeline:
         return self.backbone
 
     def records(self, data: Any) -> list[ProteinRecord]:
-        """Records from records, ``(sequences, targets_or_labels)`` or ``{"sequences", "targets"}``."""
+        """Records from records, ``(sequences, targets_or_labels)`` or ``{"sequences", "targets"}``.
+
+        The residue limit applies as ``data_options.long_sequences`` says (default: refuse).
+        """
+        limit = self.data_options.max_residues or self.load_backbone().max_residues
+        return limit_length(self._as_records(data), limit, self.data_options.long_sequences)
+
+    def _as_records(self, data: Any) -> list[ProteinRecord]:
         if isinstance(data, dict):
             labels = data.get("residue_labels") if self.LEVEL == "residue" else None
             return records_from_lists(data["sequences"], data.get("targets"), labels, data.get("ids"))

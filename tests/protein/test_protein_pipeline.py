@@ -210,3 +210,18 @@ def test_multiclass_adapter_reload_reads_the_number_of_classes_from_the_file(tmp
     np.testing.assert_array_equal(fresh.predict((sequences, labels))[1], expected)
     with pytest.raises(FileNotFoundError, match="pass the folder that save_adapter"):
         fresh.load_adapter(tmp_path / "missing")
+
+
+def test_lab_code_applies_the_residue_limit():
+    from pipelines.protein.data import ProteinDataError
+
+    refuse = create_pipeline(
+        "protein/sequence", backbone="esm2_tiny_random", backbone_options={"max_residues": 5}
+    )
+    with pytest.raises(
+        ProteinDataError, match="record 'sequence 1' has 6 residues, more than the limit of 5"
+    ):
+        refuse.records((["MKT", "MKTAYI"], [1.0, 2.0]))
+    crop = create_pipeline("protein/sequence", backbone="esm2_tiny_random", data_options={"max_residues": 4,
+                           "long_sequences": "crop"})  # fmt: skip
+    assert [r.sequence for r in crop.records((["MKT", "MKTAYI"], [1.0, 2.0]))] == ["MKT", "MKTA"]
