@@ -171,8 +171,6 @@ def load_splits(
             )
         records, split_name = _flip(dataset, options, issues)
         files = {rel: digest for rel, digest in get_dataset(dataset).files.items() if _used(rel, split_name)}
-    limit = options.max_residues or max_residues
-    records = limit_length(records, limit, options.long_sequences, issues)
     groups = split_records(records)
     if not groups["test"]:
         raise ProteinDataError(
@@ -191,6 +189,9 @@ def load_splits(
     groups["train"] = _subsample(groups["train"], options.max_train, seed)
     groups["valid"] = _subsample(groups["valid"], options.max_valid, seed + 1)
     groups["test"] = _subsample(groups["test"], options.max_test, seed + 2)
+    limit = options.max_residues or max_residues  # applied to the records used, so the counts are theirs
+    for key in ("train", "valid", "test"):
+        groups[key] = limit_length(groups[key], limit, options.long_sequences, issues)
     info = {
         "name": dataset,
         "split": split_name,

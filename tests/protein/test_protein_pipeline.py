@@ -163,7 +163,7 @@ def test_gb1_demo_quick_variant_on_the_mirror(flip_mirror, tmp_path):
     assert report["dataset"]["sha256"] == {
         "flip/gb1/three_vs_rest.csv": "b8aa60cc061013a5c2e6f4070593c82976b1d9e5c9058a66ad57c6e9c3cec023"
     }
-    assert report["dataset"]["issues"]["cropped"] == 8733  # every record is cropped before subsampling
+    assert report["dataset"]["issues"]["cropped"] == 64 + 16 + 64
     assert set(report["results"]) == {"one_hot", "linear_probe", "lora"}
 
 
