@@ -2,9 +2,14 @@
 
 Adapters go on the backbone only: every target is resolved to the exact names of backbone modules before
 ``add_adapter`` sees it, so ``type:Linear`` or "every bias" never touches the head, which trains fully in
-every method. Frozen BatchNorm layers stay in eval mode while training, so their statistics do not drift
-under a linear probe, LoRA, SSF or BitFit; BatchNorm layers that are themselves tuned (NormTuning, full
-fine-tuning) update their statistics as usual.
+every method. LoRA skips grouped (depthwise) convolutions, where a low-rank update of a per-channel
+kernel saves nothing.
+
+BatchNorm running statistics stay fixed while training by default (every BatchNorm layer in eval mode):
+short runs at small batch sizes leave updated statistics lagging behind the weights (EfficientNet-Lite0
+fully fine-tuned on 256 PneumoniaMNIST images for 16 steps: test AUROC 0.56 with updated statistics,
+0.90 with fixed ones). ``update_batchnorm_stats=True`` lets the layers that are themselves tuned
+(NormTuning, full fine-tuning) update them; frozen layers never do.
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ def resolve_targets(model: ImageClassifier, spec, backbone: Backbone):
             hit = isinstance(getattr(module, "bias", None), nn.Parameter)
         elif not targets and isinstance(spec, NormTuning):
             hit = isinstance(module, _NORM_TYPES)
+        elif isinstance(spec, LoRA) and getattr(module, "groups", 1) > 1:
+            hit = False
         else:
             hit = any(_matches(t, local, module) or _matches(t, name, module) for t in targets)
         if hit:
@@ -113,36 +120,44 @@ def resolve_targets(model: ImageClassifier, spec, backbone: Backbone):
     return replace(spec, targets=chosen)
 
 
-def freeze_unadapted_batchnorm(model: nn.Module) -> None:
-    """Put BatchNorm layers into eval mode unless they train themselves (full FT) or under NormTuning."""
+def freeze_unadapted_batchnorm(model: nn.Module, update_stats: bool = False) -> None:
+    """Put BatchNorm layers (and adapters on them) into eval mode, except, with ``update_stats``, those
+    that are tuned: BatchNorm layers with trainable weights (full fine-tuning) or a NormTuning adapter."""
+    batchnorm = nn.modules.batchnorm._BatchNorm
     norm_adapters = {name for name, spec in adapter_specs(model).items() if spec.method == "norm"}
-    tuned = {
-        id(module.base_layer)
-        for module in model.modules()
-        if hasattr(module, "adapters")
-        and any(
-            any(p.requires_grad for p in module.adapters[n].parameters())
-            for n in norm_adapters & set(module.adapters)
-        )
-    }
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in tuned:
-            if not any(p.requires_grad for p in module.parameters()):
-                module.eval()
+        if hasattr(module, "adapters") and isinstance(module.base_layer, batchnorm):
+            names = norm_adapters & set(module.adapters)
+            tuned = any(p.requires_grad for n in names for p in module.adapters[n].parameters())
+            if not (update_stats and tuned):
+                module.eval()  # the base layer and the adapters' own statistics stay fixed
+        elif isinstance(module, batchnorm) and not (
+            update_stats and any(p.requires_grad for p in module.parameters())
+        ):
+            module.eval()
 
 
 class _Classifier(ImageClassifier):
-    """The classifier whose ``train()`` keeps frozen BatchNorm statistics fixed."""
+    """The classifier whose ``train()`` keeps BatchNorm statistics fixed (see the module docstring)."""
+
+    update_batchnorm_stats = False
 
     def train(self, mode: bool = True):
         super().train(mode)
         if mode:
-            freeze_unadapted_batchnorm(self)
+            freeze_unadapted_batchnorm(self, self.update_batchnorm_stats)
         return self
 
 
 def build_classifier(
-    backbone: Backbone, method: str, spec, num_outputs: int, task: str, name: str, dropout: float = 0.0
+    backbone: Backbone,
+    method: str,
+    spec,
+    num_outputs: int,
+    task: str,
+    name: str,
+    dropout: float = 0.0,
+    update_batchnorm_stats: bool = False,
 ) -> tuple[ImageClassifier, object | None]:
     """A fresh classifier on a copy of the backbone, prepared for ``method``.
 
@@ -154,6 +169,7 @@ def build_classifier(
         task: binary, multiclass or multilabel.
         name: Adapter name.
         dropout: Dropout before the head.
+        update_batchnorm_stats: Let tuned BatchNorm layers update their running statistics.
 
     Returns:
         (model with only the parameters of the method trainable, the resolved spec or None).
@@ -161,6 +177,7 @@ def build_classifier(
     copied = copy.copy(backbone)
     copied.module = copy.deepcopy(backbone.module)
     model = _Classifier(copied, num_outputs, task, dropout)
+    model.update_batchnorm_stats = update_batchnorm_stats
     if method == "full_finetune":
         model.requires_grad_(True)
         return model, None

@@ -88,6 +88,11 @@ class StageOptions(BaseModel):
         0.1, gt=0, description="The full_finetune baseline trains at this times the stage's lr."
     )
     linear_probe_lr_scale: float = Field(1.0, gt=0, description="The linear_probe baseline's lr factor.")
+    update_batchnorm_stats: bool = Field(
+        False,
+        description="Let BatchNorm layers that are tuned (full fine-tuning, NormTuning) update their running "
+        "statistics; off: every BatchNorm keeps its pretrained statistics (safer for short runs).",
+    )
     checkpoint_baselines: bool = Field(
         False, description="Write training checkpoints for baselines too (full fine-tuning: ~4x the model)."
     )
@@ -132,6 +137,7 @@ class ImagingClassificationPipeline:
         seed: int = 0,
         name: str = "task",
         head_dropout: float = 0.0,
+        update_batchnorm_stats: bool = False,
         recipe: Any = None,
         options: ImagingOptions | None = None,
     ):
@@ -152,6 +158,7 @@ class ImagingClassificationPipeline:
             seed: Seed of training and bootstrap.
             name: Adapter name.
             head_dropout: Dropout before the head.
+            update_batchnorm_stats: Let tuned BatchNorm layers (full FT, NormTuning) update their statistics.
         """
         self.backbone_name = backbone if isinstance(backbone, str) else backbone.provenance["name"]
         self.backbone = None if isinstance(backbone, str) else backbone
@@ -166,6 +173,7 @@ class ImagingClassificationPipeline:
         )
         self.metrics = metrics or DEFAULT_METRICS.get(task)
         self.bootstrap, self.seed, self.name, self.head_dropout = bootstrap, seed, name, head_dropout
+        self.update_batchnorm_stats = update_batchnorm_stats
         self.recipe, self.options = recipe, options or ImagingOptions()
         self.model = None
         self.threshold: float | None = None
@@ -207,8 +215,9 @@ class ImagingClassificationPipeline:
         """A fresh classifier prepared for this pipeline's method (also used by ``fit``)."""
         backbone = self.load_backbone()
         model, resolved = build_classifier(
-            backbone, self.method, self.adapter, self._outputs(), self.task, self.name, self.head_dropout
-        )
+            backbone, self.method, self.adapter, self._outputs(), self.task, self.name, self.head_dropout,
+            self.update_batchnorm_stats,
+        )  # fmt: skip
         self.model, self.resolved_adapter = model, resolved
         return model
 

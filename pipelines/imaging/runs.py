@@ -128,8 +128,11 @@ class _Runner:
 
     def primary(self, label: str, train_set, suffix: str, keep: bool) -> None:
         """Train the recipe's stages in order on one model, save its adapters, check they reload."""
-        model, _ = build_classifier(self.backbone, "linear_probe", None, self.outputs, self.task, "task",
-                                    self.stage_options(0).head_dropout)  # fmt: skip
+        options = self.stage_options(0)
+        model, _ = build_classifier(
+            self.backbone, "linear_probe", None, self.outputs, self.task, "task",
+            options.head_dropout, options.update_batchnorm_stats,
+        )  # fmt: skip
         saved = []
         for index, stage in enumerate(self.recipe.stages):
             if stage.adapter is not None:
@@ -177,21 +180,18 @@ class _Runner:
         """Train one baseline with the first stage's budget (lr scaled for linear probe / full FT)."""
         stage = self.recipe.stages[0]
         options = self.stage_options(0)
-        config = stage.train
-        if kind == "full_finetune":
-            config = config.model_copy(update={"lr": config.lr * options.full_finetune_lr_scale})
-            model, spec = build_classifier(
-                self.backbone, kind, None, self.outputs, self.task, "task", options.head_dropout
+        config, spec, method = stage.train, None, kind
+        if kind in ("full_finetune", "linear_probe"):
+            scale = (
+                options.full_finetune_lr_scale if kind == "full_finetune" else options.linear_probe_lr_scale
             )
-        elif kind == "linear_probe":
-            config = config.model_copy(update={"lr": config.lr * options.linear_probe_lr_scale})
-            model, spec = build_classifier(
-                self.backbone, kind, None, self.outputs, self.task, "task", options.head_dropout
-            )
+            config = config.model_copy(update={"lr": config.lr * scale})
         else:
-            spec = default_spec(kind, self.backbone)
-            model, spec = build_classifier(self.backbone, "adapter", spec, self.outputs, self.task, kind,
-                                           options.head_dropout)  # fmt: skip
+            spec, method = default_spec(kind, self.backbone), "adapter"
+        model, spec = build_classifier(
+            self.backbone, method, spec, self.outputs, self.task, kind if spec else "task",
+            options.head_dropout, options.update_batchnorm_stats,
+        )  # fmt: skip
         self._count(label, model)
         directory = self.run_dir / "train" / label if options.checkpoint_baselines else None
         entry = self._train(label, model, config, train_set, directory)

@@ -148,3 +148,23 @@ def test_conv_lora_on_a_3d_monai_resnet_and_prompt_tuning_on_a_vit(tiny_vit):
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("prompt" in n for n in trainable) and {"head.weight", "head.bias"} <= trainable
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_batchnorm_statistics_update_only_when_asked_and_only_where_tuned(tiny_densenet, update):
+    images, labels = _images(8, 16, 0)
+    records = [{"image": x[None], "label": int(y)} for x, y in zip(images, labels[:, 0], strict=True)]
+    pipe = create_pipeline(
+        "imaging/classification",
+        backbone="monai:DenseNet",
+        backbone_options=tiny_densenet,
+        adapter={"method": "norm", "targets": ["features.norm0"]},
+        transforms={"image_size": 16, "augment": False},
+        train={"epochs": 1, "batch_size": 4},
+        update_batchnorm_stats=update,
+    )
+    model = pipe.build_model()
+    stats = {n: b.clone() for n, b in model.named_buffers() if n.endswith("running_mean")}
+    pipe.fit(records)
+    changed = sorted(n for n, b in model.named_buffers() if n in stats and not torch.equal(stats[n], b))
+    assert changed == (["backbone.net.features.norm0.adapters.task.running_mean"] if update else [])
