@@ -51,6 +51,13 @@ __all__ = [
 METHOD_BASELINES = ("lora", "ssf", "bitfit", "norm", "bottleneck", "prompt", "ia3")
 BASELINES = ("linear_probe", "full_finetune", *METHOD_BASELINES)
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+# The core's NormTuning recomputes the norm itself, so it fits only layers that do nothing else: timm's
+# BatchNormAct2d (norm + activation) or LayerNorm2d (permutes) would lose their extra steps.
+_PLAIN_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.LayerNorm.forward, nn.GroupNorm.forward)
+
+
+def _plain_norm(module: nn.Module) -> bool:
+    return type(module).forward in _PLAIN_NORM_FORWARDS
 
 
 def default_spec(method: str, backbone: Backbone):
@@ -91,7 +98,7 @@ def resolve_targets(model: ImageClassifier, spec, backbone: Backbone):
     targets = list(spec.targets)
     if not targets and spec.method not in ("bitfit", "norm"):
         targets = backbone.targets.get(spec.method, [])
-    chosen = []
+    chosen, unsupported = [], set()
     for name, module in model.named_modules():
         if not name.startswith("backbone."):
             continue
@@ -104,8 +111,16 @@ def resolve_targets(model: ImageClassifier, spec, backbone: Backbone):
             hit = False
         else:
             hit = any(_matches(t, local, module) or _matches(t, name, module) for t in targets)
-        if hit:
+        if hit and isinstance(spec, NormTuning) and not _plain_norm(module):
+            unsupported.add(type(module).__name__)
+        elif hit:
             chosen.append(f"re:{re.escape(name)}")
+    if unsupported and (targets or not chosen):
+        raise ValueError(
+            f"NormTuning cannot tune {', '.join(sorted(unsupported))} layers of backbone "
+            f"'{backbone.provenance['name']}' (they fuse an activation or reshape around the norm, which the "
+            "adapter would drop); use ssf or bitfit on this backbone instead"
+        )
     if not chosen:
         raise ValueError(
             f"the {spec.method} adapter targets {targets} match no module of backbone "

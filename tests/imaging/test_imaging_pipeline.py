@@ -168,3 +168,13 @@ def test_batchnorm_statistics_update_only_when_asked_and_only_where_tuned(tiny_d
     pipe.fit(records)
     changed = sorted(n for n, b in model.named_buffers() if n in stats and not torch.equal(stats[n], b))
     assert changed == (["backbone.net.features.norm0.adapters.task.running_mean"] if update else [])
+
+
+def test_norm_tuning_refuses_norm_layers_with_fused_activations():
+    from pipelines.core.peft import NormTuning
+    from pipelines.imaging.backbones import load_backbone
+    from pipelines.imaging.methods import build_classifier
+
+    backbone = load_backbone("timm:efficientnet_lite0", pretrained=False)
+    with pytest.raises(ValueError, match="NormTuning cannot tune BatchNormAct2d layers of backbone"):
+        build_classifier(backbone, "adapter", NormTuning(), 2, "binary", "task")
