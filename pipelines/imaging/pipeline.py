@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from pipelines.core.evaluation import EvaluationReport, RunResult
-from pipelines.core.peft import load_adapter, save_adapter, spec_from_dict
+from pipelines.core.peft import adapter_specs, load_adapter, save_adapter, spec_from_dict
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult, train
 from pipelines.imaging import metrics as _metrics  # noqa: F401  (registers sensitivity/specificity)
@@ -36,7 +36,7 @@ from pipelines.imaging.data import (
     collate,
     make_dataset,
 )
-from pipelines.imaging.methods import BASELINES, build_classifier, resolve_targets
+from pipelines.imaging.methods import BASELINES, build_classifier
 from pipelines.imaging.model import HEAD, classification_loss, predict_scores
 from pipelines.imaging.runs import run_recipe_pipeline
 
@@ -275,10 +275,7 @@ class ImagingClassificationPipeline:
         backbone = self.load_backbone()
         model, _ = build_classifier(backbone, "linear_probe", None, self._outputs(), self.task, self.name)
         self.name = load_adapter(model, directory)
-        self.model, self.resolved_adapter = (
-            model,
-            resolve_targets(model, self.adapter, backbone) if self.adapter else None,
-        )
+        self.model, self.resolved_adapter = model, adapter_specs(model)[self.name]
         return model
 
     # ----- recipe path --------------------------------------------------------------------------------
