@@ -15,7 +15,7 @@ from .bottleneck import BottleneckAdapter
 from .layers import AdaptedLayer
 from .lora import SUPPORTED as LORA_TYPES
 from .lora import LoRAAdapter
-from .norm import NormAdapter, is_norm
+from .norm import NormAdapter, unsupported_norm
 from .prompt import PromptAdapter
 from .specs import BOTTLENECK_PRESETS, AdapterSpec, Bottleneck, LoRA, PromptTuning
 
@@ -73,11 +73,8 @@ def _select(model: nn.Module, targets: list[str], what: str) -> list[LogicalModu
         for target in targets:
             if target == "__has_bias__":
                 hit = isinstance(getattr(module, "bias", None), nn.Parameter)
-            elif target == "__is_norm__":  # norms with something to tune (affine or running statistics)
-                hit = is_norm(module) and (
-                    getattr(module, "weight", None) is not None
-                    or getattr(module, "running_mean", None) is not None
-                )
+            elif target == "__is_norm__":  # the norms norm tuning can reproduce, with something to tune
+                hit = unsupported_norm(module) is None
             else:
                 hit = matches(target, item.name, module)
             if hit:

@@ -12,11 +12,40 @@ from torch import nn
 
 from .layers import is_rms_norm
 
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm
+NORM_TYPES = (_BATCH_NORM, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+# The forwards this adapter recomputes exactly; a subclass with its own forward (timm's LayerNorm2d, say)
+# would silently lose what its forward adds, so it is refused.
+_PLAIN_FORWARDS = {
+    cls.forward
+    for cls in (_BATCH_NORM, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+} | {nn.RMSNorm.forward}
+
+
+# Subclasses whose forward is the plain norm (timm's channels-last LayerNorm and GroupNorm).
+_SAME_AS_PLAIN = {"timm.layers.norm.LayerNorm", "timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1"}
 
 
 def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES) or is_rms_norm(module)
+
+
+def _with_activation(module: nn.Module) -> bool:
+    """timm's BatchNormAct layers: batch norm, then `drop`, then `act`."""
+    return isinstance(module, _BATCH_NORM) and "BatchNormAct" in type(module).__name__
+
+
+def unsupported_norm(module: nn.Module) -> str | None:
+    """Why NormTuning cannot adapt this norm layer, or None when it can."""
+    if not is_norm(module):
+        return "not a norm layer"
+    cls = type(module)
+    plain = cls.forward in _PLAIN_FORWARDS or f"{cls.__module__}.{cls.__qualname__}" in _SAME_AS_PLAIN
+    if plain or is_rms_norm(module) or _with_activation(module):
+        if getattr(module, "weight", None) is None and getattr(module, "running_mean", None) is None:
+            return "it has no affine parameters or statistics to tune"
+        return None
+    return f"its class {type(module).__name__} overrides forward, which norm tuning would not reproduce"
 
 
 class NormAdapter(nn.Module):
@@ -29,12 +58,15 @@ class NormAdapter(nn.Module):
         super().__init__()
         if not is_norm(base):
             raise ValueError(f"NormTuning target {name!r} is a {type(base).__name__}, not a norm layer.")
+        reason = unsupported_norm(base)
+        if reason and "affine" not in reason:
+            raise ValueError(f"NormTuning cannot adapt {name!r}: {reason}.")
         self.name, self.merged = name, False
         if getattr(base, "weight", None) is not None:
             self.weight_offset = nn.Parameter(torch.zeros_like(base.weight, dtype=torch.float32))
         if getattr(base, "bias", None) is not None:
             self.bias_offset = nn.Parameter(torch.zeros_like(base.bias, dtype=torch.float32))
-        self.batch_statistics = isinstance(base, nn.modules.batchnorm._NormBase) and base.track_running_stats
+        self.batch_statistics = isinstance(base, _BATCH_NORM) and base.track_running_stats
         if self.batch_statistics:
             self.register_buffer("running_mean", base.running_mean.detach().clone())
             self.register_buffer("running_var", base.running_var.detach().clone())
@@ -52,8 +84,9 @@ class NormAdapter(nn.Module):
 
     def forward_with(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self._affine(base, x.dtype)
-        if isinstance(base, nn.modules.batchnorm._NormBase):
-            return self._batch_norm(base, x, weight, bias)
+        if isinstance(base, _BATCH_NORM):
+            out = self._batch_norm(base, x, weight, bias)
+            return base.act(base.drop(out)) if _with_activation(base) else out
         if isinstance(base, nn.LayerNorm):
             return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
         if isinstance(base, nn.GroupNorm):
