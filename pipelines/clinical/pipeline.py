@@ -21,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipelines.clinical.backbones import Backbone, load_backbone
 from pipelines.clinical.data import MTSAMPLES, Notes, notes_from_frame
 from pipelines.clinical.options import BackboneOptions, ClinicalOptions, StageOptions, as_model
@@ -206,9 +208,11 @@ class ClinicalTwoStagePipeline:
         """The loaded backbone (loaded on first use)."""
         if self._backbone is None:
             options = self.backbone_options
-            extra = dict(options.tiny) if self.backbone_spec == "tiny-random-llama" else {}
+            extra: dict[str, Any] = dict(options.tiny) if self.backbone_spec == "tiny-random-llama" else {}
             if options.revision:
                 extra["revision"] = options.revision
+            if options.dtype != "float32":
+                extra["dtype"] = options.dtype
             self._backbone = load_backbone(str(self.backbone_spec), extra)
         return self._backbone
 
@@ -229,10 +233,12 @@ class ClinicalTwoStagePipeline:
         lm = self.backbone.model
         for name in reversed(adapter_names(lm)):
             remove_adapter(lm, name)
-        return build_model(
+        model = build_model(
             self.backbone, self.task, num_classes, self.classification_options.pooling,
             self.backbone_options.cached_layers, self.seed,
         )  # fmt: skip
+        device = self.backbone_options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return model.to(device)
 
     def train_stages(
         self,

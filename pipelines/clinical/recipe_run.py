@@ -20,6 +20,7 @@ from pipelines.clinical.data import (
     stratified_subset,
     write_splits,
 )
+from pipelines.clinical.metrics import perplexity_change
 from pipelines.clinical.stages import (
     Stage,
     StageError,
@@ -84,6 +85,19 @@ def choose_splits(pipe: Any, notes: Notes) -> tuple[dict[str, np.ndarray], dict[
     return full, used
 
 
+class _Clock:
+    """Wall and CPU seconds per phase (CPU time tells the cost apart from other processes' load)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, dict[str, float]] = {}
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.laps[name] = {"wall_s": round(wall - self.wall, 2), "cpu_s": round(cpu - self.cpu, 2)}
+        self.wall, self.cpu = wall, cpu
+
+
 def _peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
@@ -131,7 +145,9 @@ def run_recipe_pipeline(pipe: Any, run_dir: Path, resume: bool) -> RunResult:
     full, used = choose_splits(pipe, notes)
     write_splits(run_dir, notes, used, recipe.seed)
     pipe.class_names = notes.class_names
+    clock = _Clock()
     backbone = pipe.backbone
+    clock.lap("load_backbone")
     tokenizer, pad = backbone.tokenizer, int(backbone.tokenizer.pad_token_id)
     batch = pipe.options.data.eval_batch_size
     model = pipe.new_model(len(notes.class_names))
@@ -142,7 +158,7 @@ def run_recipe_pipeline(pipe: Any, run_dir: Path, resume: bool) -> RunResult:
         for split in ("train", "test") + (("val",) if need_val and "val" in used else ())
     }
     lm_stages = [s for s in pipe.stages if s.objective == "causal_lm"]
-    lm_sets, ppl, results, notes_out = {}, {}, {}, []
+    lm_sets, ppl, ppl_change, results, notes_out = {}, {}, {}, {}, []
     if lm_stages:
         length = lm_stages[0].options.max_length
         train_texts = notes.subset(full["train"]).texts
@@ -154,11 +170,19 @@ def run_recipe_pipeline(pipe: Any, run_dir: Path, resume: bool) -> RunResult:
         held_out = lm_data(
             model, tokenizer, notes.subset(full["test"]).texts, length, lm_stages[0].options.eval_blocks
         )
+    clock.lap("tensors")  # tokenising and the cached prefix states
+    if lm_stages:
         ppl["base_lm"] = perplexity_of(model, held_out, batch, recipe.evaluation.bootstrap, recipe.seed)
 
     def after_lm_stage(stage: Stage) -> None:
-        ppl[f"after_{stage.name}"] = perplexity_of(
-            model, held_out, batch, recipe.evaluation.bootstrap, recipe.seed
+        after = perplexity_of(model, held_out, batch, recipe.evaluation.bootstrap, recipe.seed)
+        ppl[f"after_{stage.name}"] = after
+        change = perplexity_change(ppl["base_lm"], after, recipe.evaluation.bootstrap, recipe.seed)
+        ppl_change[f"after_{stage.name}"] = change
+        notes_out.append(
+            f"Stage '{stage.name}' changed held-out perplexity from {ppl['base_lm']['value']:.2f} to "
+            f"{after['value']:.2f} (x{change['ratio']:.3f}; paired change in NLL {change['value']:+.4f} "
+            f"[{change['low']:+.4f}, {change['high']:+.4f}] nats/token over the same blocks)."
         )
 
     primary = "two_stage" if lm_stages else "single_stage"
@@ -168,7 +192,9 @@ def run_recipe_pipeline(pipe: Any, run_dir: Path, resume: bool) -> RunResult:
     )
     pipe.model, pipe.train_results = model, trained
     evaluation = recipe.evaluation
+    clock.lap(f"{primary}_train")
     predictions = {primary: score(model, sets["test"], pipe.task, pad, batch)}
+    clock.lap(f"{primary}_test")
     parameters = {primary: count_parameters(model)}
     sizes = save_adapters(model, run_dir / "adapters", {"task": pipe.task, "class_names": notes.class_names})
     specs = {name: spec_to_dict(s.adapter) for s in pipe.stages if s.adapter is not None for name in [s.name]}
@@ -181,7 +207,9 @@ def run_recipe_pipeline(pipe: Any, run_dir: Path, resume: bool) -> RunResult:
         done = pipe.train_stages(
             base_model, stages, sets["train"], lm_sets, run_dir / "baselines" / baseline, resume
         )
+        clock.lap(f"{baseline}_train")
         predictions[baseline] = score(base_model, sets["test"], pipe.task, pad, batch)
+        clock.lap(f"{baseline}_test")
         parameters[baseline] = count_parameters(base_model)
         histories[baseline] = _history(done, {s.name: s.objective for s in stages})
         costs[baseline] = {"train_wall_time_s": sum(r.wall_time_s for r in done.values())}
@@ -234,9 +262,14 @@ def run_recipe_pipeline(pipe: Any, run_dir: Path, resume: bool) -> RunResult:
             "peak_memory_bytes": _peak_memory_bytes(),
             "samples_per_second": throughput,
             "models": costs,
+            "phases": clock.laps,
         },
         "notes": notes_out,
-        "extra": {"perplexity": ppl, "stages": [_stage_summary(s) for s in pipe.stages]},
+        "extra": {
+            "perplexity": {k: {n: x for n, x in v.items() if n != "block_nll"} for k, v in ppl.items()},
+            "perplexity_change": ppl_change,
+            "stages": [_stage_summary(s) for s in pipe.stages],
+        },
     }
     return RunResult(
         name=recipe.name,

@@ -130,3 +130,13 @@ def test_cached_prefix_gives_the_full_forward_pass(tiny):
         torch.testing.assert_close(
             model.lm_loss(blocks, prefix=prefix), tiny.model(blocks, labels=blocks).loss
         )
+
+
+def test_perplexity_change_is_paired_over_blocks():
+    from pipelines.clinical.metrics import perplexity_change
+
+    before = perplexity_from_nll(np.array([10.0, 20.0, 30.0, 40.0]), 10, bootstrap=0)
+    after = perplexity_from_nll(np.array([9.0, 19.0, 29.0, 39.0]), 10, bootstrap=100)
+    change = perplexity_change(before, after, bootstrap=100)
+    assert change["value"] == pytest.approx(-0.1) and change["low"] == pytest.approx(-0.1)
+    assert change["ratio"] == pytest.approx(math.exp(-0.1))

@@ -182,3 +182,58 @@ def test_quick_recipe_runs_end_to_end_with_baselines_and_private_outputs(frame, 
         if file.is_file() and file.suffix in (".json", ".jsonl", ".md", ".yaml", ".safetensors"):
             assert b"PRIVATE" not in file.read_bytes(), file
     assert (run_dir / "adapters" / "domain" / "peft" / "adapter_config.json").is_file()
+
+
+def test_mtsamples_recipe_path_on_a_tiny_backbone(mirror, tmp_path):
+    from pipelines.core.recipe import load_recipe
+
+    recipe = load_recipe(
+        "clinical/mtsamples_cardio_two_stage",
+        overrides=[
+            "backbone.name=tiny-random-llama",
+            "stages.0.adapter.targets=[q_proj]",
+            "stages.1.adapter.targets=[q_proj]",
+            "stages.0.options.max_blocks=4",
+            "stages.0.options.eval_blocks=4",
+            "stages.0.options.max_length=32",
+            "stages.1.options.max_length=32",
+            "stages.1.train.epochs=1",
+            "data.options.max_train=16",
+            "data.options.max_test=24",
+            "evaluation.bootstrap=20",
+            "backbone.options.cached_layers=0",
+        ],
+    )
+    pipe = ClinicalTwoStagePipeline.from_recipe(recipe)
+    pipe.progress = False
+    result = pipe.run(tmp_path)
+    assert result.info["dataset"]["full_splits"] == {"train": 1650, "val": 236, "test": 471}
+    assert result.info["dataset"]["splits"] == {"train": 16, "test": 24}
+    assert result.info["dataset"]["classes"]["test"]["Cardiovascular / Pulmonary"] == 4
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    assert splits["source"]["sha256"].startswith("54a8e65b") and len(splits["ids"]["val"]) == 236
+    assert set(result.results) == {"two_stage", "head_only", "single_stage_lora", "base_lm", "after_domain"}
+    assert "perplexity_change" in result.info["extra"]
+
+
+@pytest.mark.slow
+def test_smollm2_loads_from_the_pypi_gguf_and_knows_english():
+    from pipelines.clinical.backbones import BackboneError
+    from pipelines.clinical.model import ClinicalModel
+
+    try:
+        backbone = load_backbone("smollm2-135m")
+    except BackboneError as error:
+        pytest.skip(str(error))
+    assert backbone.info["architecture"] == "LlamaForCausalLM" and backbone.info["layers"] == 30
+    assert backbone.info["parameters"] == 134_515_008 and len(backbone.info["weights"]["sha256"]) == 64
+    ids = torch.tensor(
+        [backbone.tokenizer("The patient was admitted with chest pain and shortness of breath.")["input_ids"]]
+    )
+    model = ClinicalModel(backbone.model, outputs=1)
+    with torch.no_grad():
+        fluent = model.lm_loss(ids).item()
+        shuffled = model.lm_loss(
+            ids[:, torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))]
+        ).item()
+    assert fluent < 4.0 and shuffled > fluent + 1.0
