@@ -237,3 +237,36 @@ def test_smollm2_loads_from_the_pypi_gguf_and_knows_english():
             ids[:, torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))]
         ).item()
     assert fluent < 4.0 and shuffled > fluent + 1.0
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_multiclass_and_multilabel_heads_train_and_score(frame, task):
+    columns = "label"
+    if task == "multiclass":
+        frame = frame.assign(label=[("a", "b", "c")[i % 3] for i in range(len(frame))])
+    else:
+        frame = frame.assign(
+            l1=[i % 2 for i in range(len(frame))], l2=[int(i % 3 == 0) for i in range(len(frame))]
+        )
+        columns = ["l1", "l2"]
+    pipe = create_pipeline(
+        "clinical/two_stage",
+        backbone="tiny-random-llama",
+        task=task,
+        domain_adapter=None,
+        task_adapter=TASK,
+        task_train={"epochs": 1, "batch_size": 8},
+        max_length=24,
+        pooling="last",
+        class_weights=True,
+        label_columns=columns,
+        bootstrap=20,
+        progress=False,
+    )
+    pipe.fit(frame.iloc[:30])
+    y_true, y_score = pipe.predict(frame.iloc[30:])
+    assert y_score.shape == (10, 3 if task == "multiclass" else 2)
+    if task == "multiclass":
+        np.testing.assert_allclose(y_score.sum(axis=1), 1.0, rtol=1e-6)
+    report = pipe.evaluate(frame.iloc[30:])
+    assert 0.0 <= report["auroc"].value <= 1.0
