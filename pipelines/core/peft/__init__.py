@@ -18,7 +18,9 @@ from .inject import (
     remove_adapter,
     set_trainable,
     unmerge,
+    wrappers,
 )
+from .layers import AdaptedLayer
 from .prompt import extend_attention_mask
 from .specs import (
     ADAPTER_METHODS,
@@ -35,9 +37,9 @@ from .specs import (
 )
 
 __all__ = [
-    "ADAPTER_METHODS", "IA3", "SSF", "AdapterSpec", "BitFit", "Bottleneck", "LoRA", "NormTuning",
-    "ParameterCount", "PromptTuning", "adapter_names", "adapter_specs", "add_adapter", "convert_adapter",
-    "count_parameters", "disable_adapters", "extend_attention_mask", "load_adapter", "merge",
-    "merge_and_unload", "remove_adapter", "save_adapter", "set_trainable", "spec_from_dict", "spec_to_dict",
-    "unmerge",
+    "ADAPTER_METHODS", "IA3", "SSF", "AdaptedLayer", "AdapterSpec", "BitFit", "Bottleneck", "LoRA",
+    "NormTuning", "ParameterCount", "PromptTuning", "adapter_names", "adapter_specs", "add_adapter",
+    "convert_adapter", "count_parameters", "disable_adapters", "extend_attention_mask", "load_adapter",
+    "merge", "merge_and_unload", "remove_adapter", "save_adapter", "set_trainable", "spec_from_dict",
+    "spec_to_dict", "unmerge", "wrappers",
 ]  # fmt: skip
