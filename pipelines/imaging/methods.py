@@ -66,10 +66,12 @@ def default_spec(method: str, backbone: Backbone):
     if method == "lora":
         return LoRA(r=8, alpha=16, targets=backbone.targets["lora"])
     if method == "bottleneck":
-        # parallel to the MLP's output projection: the closest the core's Linear-level adapters come to
-        # AdaptFormer (parallel to the whole MLP); CNNs get a parallel 1x1-style bottleneck per conv
-        targets = ["re:.*mlp\\.(fc2|linear2)$"] if vit else backbone.targets["bottleneck"]
-        return Bottleneck(targets=targets, hidden=16 if vit else None, reduction=4, placement="parallel")
+        # ViTs: AdaptFormer, parallel to the whole MLP block, fed the block's input, scaled by 0.1;
+        # CNNs: a parallel 1x1-style bottleneck beside each convolution
+        if vit:
+            return Bottleneck(targets=["re:.*mlp$"], hidden=16, placement="parallel", scale=0.1,
+                              channels=backbone.token_width)  # fmt: skip
+        return Bottleneck(targets=backbone.targets["bottleneck"], reduction=4, placement="parallel")
     if method == "prompt":
         if not vit:
             raise ValueError(

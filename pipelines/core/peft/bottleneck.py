@@ -26,8 +26,12 @@ class BottleneckAdapter(nn.Module):
         super().__init__()
         self.merged = False
         self.kind = "transform" if spec.placement == "serial" else "delta"
-        out_channels, self.channel_dim = output_channels(base, name)
-        in_channels = out_channels if spec.placement == "serial" else input_channels(base, name)[0]
+        if spec.channels:  # a block of known width: channels last on both sides
+            out_channels = in_channels = spec.channels
+            self.channel_dim = -1
+        else:
+            out_channels, self.channel_dim = output_channels(base, name)
+            in_channels = out_channels if spec.placement == "serial" else input_channels(base, name)[0]
         hidden = spec.hidden or max(1, in_channels // spec.reduction)
         self.down = nn.Linear(in_channels, hidden)
         self.up = nn.Linear(hidden, out_channels)

@@ -54,6 +54,8 @@ class Bottleneck:
     `placement="serial"` feeds the module's output through the adapter (Houlsby, Pfeiffer);
     `"parallel"` feeds the module's input (AdaptFormer). `hidden` overrides `channels // reduction`.
     `preset` ("houlsby" or "pfeiffer") adds the usual targets of common transformer families.
+    `channels` lets it wrap a whole block (a ViT's MLP, for AdaptFormer) whose input and output are
+    (batch, tokens, channels) tensors of that width.
     """
 
     targets: list[str] = field(default_factory=list)
@@ -63,6 +65,7 @@ class Bottleneck:
     activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
     scale: float = 1.0
     preset: Literal["houlsby", "pfeiffer"] | None = None
+    channels: int | None = None
     method: Literal["bottleneck"] = "bottleneck"
     __pydantic_config__ = _FORBID
 
