@@ -4,7 +4,7 @@
 5-49) of five speakers, the sixth (``held_out_speaker``) being kept for adaptation; the result is cached
 under ``$PEFT_PIPELINES_CACHE/speech/`` keyed by every setting below, so the demo recipe finds the base
 the base recipe trained when both use the same settings. transformers TTS models (SpeechT5,
-FastSpeech2Conformer) are in :mod:`pipelines.speech.hf_backbones`.
+FastSpeech2Conformer) are in :mod:`pipelines.speech.hf_tts`.
 """
 
 from __future__ import annotations
@@ -228,6 +228,5 @@ def load_backbone(
         )
     raise ValueError(
         f"unknown speech backbone '{name}'; use fsdd_multispeaker or test_tiny "
-        "(SpeechT5 / FastSpeech2Conformer "
-        "run through the speech/hf_tts_adapter pipeline)"
+        "(SpeechT5 / FastSpeech2Conformer: hf:<hub id> or a local folder, see pipelines.speech.hf_tts)"
     )

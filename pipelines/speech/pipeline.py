@@ -1,4 +1,8 @@
-"""The registered speech pipelines: ``speech/speaker_adaptation`` and ``speech/base_multispeaker``."""
+"""The registered speech pipelines: ``speech/speaker_adaptation`` and ``speech/base_multispeaker``.
+
+``speech/speaker_adaptation`` adapts the FSDD base (this module) or, when ``backbone.name`` is a
+transformers TTS model, SpeechT5 / FastSpeech2Conformer (:mod:`pipelines.speech.hf_pipeline`).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,13 @@ from pipelines.core.peft import AdapterSpec, Bottleneck, save_adapter
 from pipelines.core.recipe import pipeline_options
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult
-from pipelines.speech.adaptation import BASELINES, adapt, adaptation_clips, nearest_speaker
+from pipelines.speech.adaptation import BASELINES as OFFLINE_BASELINES
+from pipelines.speech.adaptation import adapt, adaptation_clips, nearest_speaker
 from pipelines.speech.audio import load_vocoder
 from pipelines.speech.backbones import Backbone, load_backbone
 from pipelines.speech.data import Example, Utterance, folder_utterances, load_example, text_to_ids
 from pipelines.speech.fsdd import FsddSession
+from pipelines.speech.hf_tts import is_hf_backbone
 from pipelines.speech.model import adapter_targets
 from pipelines.speech.options import (
     AdaptationDataOptions,
@@ -49,7 +55,7 @@ class SpeakerAdaptationPipeline:
     """
 
     OBJECTIVES = ("tts",)
-    BASELINES = BASELINES
+    BASELINES = (*OFFLINE_BASELINES, "base")  # base: the frozen transformers backbone
     DATASETS = ("fsdd",)
 
     def __init__(
@@ -64,7 +70,7 @@ class SpeakerAdaptationPipeline:
         seed: int = 0,
         stage_options: AdaptationStageOptions | None = None,
         data_options: AdaptationDataOptions | dict | None = None,
-        compare: list[str] | tuple[str, ...] = BASELINES,
+        compare: list[str] | tuple[str, ...] = OFFLINE_BASELINES,
     ) -> None:
         """Args: backbone name or Backbone; adapter spec (default bottleneck, hidden 16, on every
         ``proj``); training settings; base settings; the existing speaker to condition on (None: the
@@ -93,14 +99,42 @@ class SpeakerAdaptationPipeline:
         self.recipe = None
 
     @classmethod
-    def from_recipe(cls, recipe) -> SpeakerAdaptationPipeline:
-        """Build the pipeline of a validated recipe (its single stage is the adapter)."""
+    def from_recipe(cls, recipe):
+        """Build the pipeline of a validated recipe (its single stage is the adapter); a transformers
+        backbone (``hf:<hub id>``, a local folder, ``test_tiny_speecht5``) gets
+        HfSpeakerAdaptationPipeline."""
         options = pipeline_options(recipe) or AdaptationOptions()
         if len(recipe.stages) != 1:
             raise ValueError(
                 f"speech/speaker_adaptation takes one stage, the recipe has {len(recipe.stages)}"
             )
         stage = recipe.stages[0]
+        if is_hf_backbone(recipe.backbone.name):
+            from pipelines.speech.hf_pipeline import HfSpeakerAdaptationPipeline
+
+            hf_pipe = HfSpeakerAdaptationPipeline(
+                recipe.backbone.name,
+                stage.adapter,
+                stage.train,
+                options.backbone,
+                name=stage.name,
+                seed=recipe.seed,
+                stage_options=options.stages[0] if options.stages else None,
+                data_options=options.data,
+                compare=recipe.compare,
+            )
+            hf_pipe.recipe = recipe
+            return hf_pipe
+        if "base" in recipe.compare:
+            raise ValueError(
+                "compare: 'base' is for transformers backbones; the FSDD base model's own voice is "
+                "'nearest_speaker'"
+            )
+        if options.data.speaker_folder or options.data.test_folder:
+            raise ValueError(
+                "data.options.speaker_folder/test_folder are read with transformers backbones only; "
+                "the FSDD base adapts to an FSDD speaker (data.options.target_speaker)"
+            )
         spec = stage.adapter or Bottleneck(targets=adapter_targets(), hidden=16)
         pipe = cls(
             recipe.backbone.name,

@@ -1,0 +1,219 @@
+"""New-speaker adaptation of a transformers TTS model (SpeechT5, FastSpeech2Conformer) with its own loss.
+
+Methods: the stage's adapter (default: serial bottleneck adapters, hidden 16, on the feed-forward outputs
+of encoder and decoder, and on FastSpeech2Conformer's variance predictors), ``lora`` (same targets, rank
+``lora_rank``), ``full_finetune`` (every weight, ``finetune_lr``) and ``base`` (the frozen model, no
+training). The base is never changed: each method adapts a copy. Scores read the vocoded audio, as on the
+offline path: MCD (bins below half the recording's sample rate) and log-F0 RMSE, with bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.core.evaluation import EvaluationReport
+from pipelines.core.peft import (
+    AdapterSpec,
+    Bottleneck,
+    LoRA,
+    ParameterCount,
+    add_adapter,
+    count_parameters,
+    set_trainable,
+)
+from pipelines.core.training import TrainConfig, TrainResult, train
+from pipelines.speech.audio import AudioConfig, load_wav
+from pipelines.speech.data import Utterance, peak_normalize, uniform_durations
+from pipelines.speech.hf_tts import HfExample, HfTts, collate_hf, hf_adapter_targets, log_mel, mel_bins_below
+from pipelines.speech.metrics import log_f0_rmse, mel_cepstral_distortion, yin_f0
+from pipelines.speech.scoring import Synthesis, evaluate_scores
+
+__all__ = ["HF_METHODS", "HfAdapted", "hf_examples", "adapt_hf", "score_hf", "hf_loss", "default_hf_adapter"]
+
+HF_METHODS = ("lora", "full_finetune", "base")
+LN10 = math.log(10.0)
+
+
+@dataclass
+class HfAdapted:
+    """A transformers TTS model after one method, with its training result and parameter count."""
+
+    label: str
+    model: HfTts
+    result: TrainResult | None
+    parameters: ParameterCount
+    wall_time_s: float
+
+
+def default_hf_adapter(family: str, hidden: int = 16) -> Bottleneck:
+    """Serial bottleneck adapters on the feed-forward outputs (and FastSpeech2Conformer's predictors)."""
+    return Bottleneck(targets=hf_adapter_targets(family), hidden=hidden, placement="serial")
+
+
+def _token_means(
+    values: np.ndarray, durations: torch.Tensor, voiced_only: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    means, has = [], []
+    start = 0
+    for count in durations.tolist():
+        span = values[start : start + count]
+        if voiced_only:
+            span = span[span > 0]
+        means.append(float(span.mean()) if len(span) else 0.0)
+        has.append(len(span) > 0)
+        start += count
+    return torch.tensor(means), torch.tensor(has)
+
+
+def _featurize(tts: HfTts, utterance: Utterance) -> HfExample:
+    import soundfile
+
+    rate = tts.features.sample_rate
+    wav, _ = load_wav(utterance.path, rate)
+    wav = peak_normalize(wav)
+    mel, energy = log_mel(wav, tts.features)
+    ids = tts.tokenize(utterance.text)
+    source_rate = soundfile.info(str(utterance.path)).samplerate
+    example = HfExample(ids, mel, utterance=utterance, extra={"wav": wav, "source_rate": source_rate})
+    if tts.family == "fastspeech2_conformer":
+        phones = len(ids) - 1  # the tokenizer ends every text with <sos/eos>
+        if phones < 1:
+            raise ValueError(f"transcript of {utterance.path} gives no phones; check its text")
+        split = uniform_durations(mel * LN10, phones)
+        durations = torch.cat([split[:1] + split[1:2], split[2:-1], split[-1:]])
+        f0 = yin_f0(wav, AudioConfig(sample_rate=rate))
+        f0 = np.pad(f0, (0, max(0, len(mel) - len(f0))))[: len(mel)]
+        log_f0 = np.where(f0 > 0, np.log(np.maximum(f0, 1e-6)), 0.0)
+        example.durations = durations
+        example.pitch, example.extra["voiced"] = _token_means(log_f0, durations, voiced_only=True)
+        example.energy, _ = _token_means(energy.numpy(), durations, voiced_only=False)
+    return example
+
+
+def hf_examples(tts: HfTts, utterances: list[Utterance], statistics: dict | None = None) -> list[HfExample]:
+    """Featurise utterances for ``tts``; FastSpeech2Conformer's pitch and energy are standardised with
+    ``statistics`` (default: those of these utterances, stored in each example's ``extra``)."""
+    examples = [_featurize(tts, u) for u in utterances]
+    if tts.family != "fastspeech2_conformer" or not examples:
+        return examples
+    if statistics is None:
+        voiced = torch.cat([e.pitch[e.extra["voiced"]] for e in examples])
+        energy = torch.cat([e.energy for e in examples])
+        statistics = {
+            "pitch": (
+                float(voiced.mean()) if len(voiced) else 0.0,
+                float(voiced.std()) if len(voiced) > 1 else 1.0,
+            ),
+            "energy": (float(energy.mean()), float(energy.std()) if len(energy) > 1 else 1.0),
+        }
+    (p_mean, p_std), (e_mean, e_std) = statistics["pitch"], statistics["energy"]
+    for e in examples:
+        e.pitch = torch.where(e.extra["voiced"], (e.pitch - p_mean) / max(p_std, 1e-6), 0.0)
+        e.energy = (e.energy - e_mean) / max(e_std, 1e-6)
+        e.extra["statistics"] = statistics
+    return examples
+
+
+def hf_loss(model: HfTts, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss (a plain function so it pickles)."""
+    return model.loss(batch)
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[HfExample]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> HfExample:
+        return self.examples[index]
+
+
+def adapt_hf(
+    base: HfTts,
+    method: str,
+    examples: list[HfExample],
+    config: TrainConfig,
+    spec: AdapterSpec | None = None,
+    name: str = "speaker",
+    finetune_lr: float = 3e-5,
+    lora_rank: int = 4,
+    seed: int = 0,
+    run_dir=None,
+) -> HfAdapted:
+    """Adapt a copy of ``base`` with ``adapter`` (the stage's spec), ``lora``, ``full_finetune`` or
+    ``base`` (no training); the base itself never changes."""
+    model = base.copy()
+    start = time.perf_counter()
+    for parameter in model.parameters():
+        parameter.requires_grad_(method == "full_finetune")
+    if method == "base":
+        return HfAdapted(method, model.eval(), None, count_parameters(model), 0.0)
+    if not examples:
+        raise ValueError(
+            f"no adaptation clips for '{method}'; give at least one WAV file with its transcript"
+        )
+    if method == "adapter":
+        add_adapter(model.model, spec or default_hf_adapter(base.family), name=name)
+        set_trainable(model.model, [name])
+    elif method == "lora":
+        targets = (spec.targets if spec is not None else None) or hf_adapter_targets(base.family)
+        add_adapter(model.model, LoRA(r=lora_rank, alpha=2 * lora_rank, targets=list(targets)), name=name)
+        set_trainable(model.model, [name])
+    elif method == "full_finetune":
+        config = config.model_copy(update={"lr": finetune_lr})
+    else:
+        raise ValueError(f"unknown adaptation method '{method}'; use adapter, {', '.join(HF_METHODS)}")
+    parameters = count_parameters(model)
+    repeats = max(1, int(np.ceil(config.batch_size / max(len(examples), 1))))
+    reduction = getattr(base.model.config, "reduction_factor", 1) if base.family == "speecht5" else 1
+    result = train(
+        model,
+        _Dataset(examples * repeats),
+        loss_fn=hf_loss,
+        config=config,
+        run_dir=run_dir,
+        collate_fn=functools.partial(collate_hf, reduction_factor=reduction),
+        seed=seed,
+        progress=False,
+    )
+    model.eval()
+    return HfAdapted(method, model, result, parameters, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def score_hf(model: HfTts, examples: list[HfExample], seed: int = 0) -> Synthesis:
+    """Synthesise, vocode and score each example against its recording (MCD, log-F0 RMSE)."""
+    rate = model.features.sample_rate
+    rows, waveforms, mels, digits = [], [], [], []
+    for example in examples:
+        wav = model.vocode(model.synthesize_mel(example.input_ids, seed))
+        mel, _ = log_mel(wav, model.features) if len(wav) else (torch.zeros(0, model.features.n_mels), None)
+        bins = mel_bins_below(example.extra["source_rate"] / 2, model.features)
+        mcd, path = mel_cepstral_distortion(example.mel * LN10, mel * LN10, num_bins=bins, return_path=True)
+        config = AudioConfig(sample_rate=rate)
+        f0_error = (
+            log_f0_rmse(yin_f0(example.extra["wav"], config), yin_f0(wav, config), path)
+            if len(wav)
+            else math.nan
+        )
+        rows.append([mcd, f0_error, math.nan, math.nan])
+        waveforms.append(wav)
+        mels.append(mel)
+        digit = getattr(example.utterance, "digit", None)
+        digits.append(digit if digit is not None else -1)
+    return Synthesis(np.array(rows, dtype=float).reshape(len(examples), 4), np.array(digits), waveforms, mels)
+
+
+def evaluate_hf(
+    model: HfTts, examples: list[HfExample], bootstrap: int = 1000, seed: int = 0
+) -> EvaluationReport:
+    """MCD and log-F0 RMSE with 95% bootstrap intervals over the examples."""
+    return evaluate_scores(score_hf(model, examples, seed), bootstrap, seed, ["mcd", "log_f0_rmse"])
