@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipelines.core.recipe import (
     Recipe,
     apply_overrides,
@@ -237,14 +239,23 @@ def summary_line(run_dir: Path) -> str:
     )
 
 
-def _comparison(report: Mapping[str, Any]) -> str:
-    """'beat linear_probe (0.912)' or 'lost to full_finetune (0.951)': the strongest other model."""
+def _comparison(report: Mapping[str, Any], baselines: Sequence[str] = ()) -> str:
+    """'beat linear_probe (0.912)' or 'lost to full_finetune (0.951)': the strongest baseline.
+
+    Baselines are the recipe's `compare` entries when the report has them; other rows of a report
+    (a reference such as speech's vocoded recordings) are not competitors.
+    """
     headline = report["headline"]
     metric, model, value = headline["metric"], headline["model"], headline.get("value")
+    results = report.get("results", {})
+    named = [name for name in baselines if name in results]
     others = {
         name: metrics[metric]["value"]
-        for name, metrics in report.get("results", {}).items()
-        if name != model and metric in metrics and metrics[metric].get("value") is not None
+        for name, metrics in results.items()
+        if name != model
+        and (not named or name in named)
+        and metric in metrics
+        and metrics[metric].get("value") is not None
     }
     others = {name: v for name, v in others.items() if not (isinstance(v, float) and math.isnan(v))}
     if not others or value is None:
@@ -253,6 +264,14 @@ def _comparison(report: Mapping[str, Any]) -> str:
     best = max(others, key=lambda name: sign * others[name])
     verb = "beat" if sign * value > sign * others[best] else "tied" if value == others[best] else "lost to"
     return f"{verb} {best} ({_number(others[best])})"
+
+
+def _compared(run_dir: Path) -> list[str]:
+    """The `compare` list of the run's resolved recipe, or [] when it has none."""
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.is_file():
+        return []
+    return list((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("compare") or [])
 
 
 def _row(run_dir: Path, index_dir: Path) -> list[str]:
@@ -265,7 +284,7 @@ def _row(run_dir: Path, index_dir: Path) -> list[str]:
         report["pipeline"].split("/")[0],
         report["name"],
         f"{headline['metric']} {_interval(headline)} ({headline['model']})",
-        _comparison(report),
+        _comparison(report, _compared(run_dir)),
         "n/a" if fraction is None else f"{100 * fraction:.3g}%",
         _duration(report.get("cost", {}).get("wall_time_s")),
         f"[report.md]({link})",

@@ -175,3 +175,15 @@ def test_run_demo_runs_present_recipes_and_reports_missing_ones(tmp_path, monkey
     )
     with pytest.raises(ValueError, match="no demo for domain 'nope'; choose from toy, other"):
         run_demo(["nope"], output_dir=tmp_path)
+
+
+def test_demo_index_compares_against_the_recipe_baselines_only():
+    from pipelines.core.runner import _comparison
+
+    row = lambda v: {"mcd": {"value": v, "low": None, "high": None}}  # noqa: E731
+    report = {
+        "headline": {"metric": "mcd", "model": "speaker", "value": 27.7},
+        "results": {"speaker": row(27.7), "lora": row(28.1), "reference": row(10.4)},
+    }
+    assert _comparison(report, ["lora"]) == "beat lora (28.100)"
+    assert _comparison(report) == "lost to reference (10.400)"  # no compare list: every other row
