@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
-import torch
-
-MIRROR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
-def mirror(monkeypatch):
+def mirror(data_mirror):
     """Point the data directory at the mirror; skip when it (or $PEFT_PIPELINES_DATA) lacks MTSamples."""
-    root = Path(os.environ["PEFT_PIPELINES_DATA"]) if os.environ.get("PEFT_PIPELINES_DATA") else MIRROR
-    if not (root / "mtsamples" / "mtsamples.csv.gz").is_file():
-        pytest.skip(f"MTSamples is not in the data directory {root}; set PEFT_PIPELINES_DATA to the mirror")
-    monkeypatch.setenv("PEFT_PIPELINES_DATA", str(root))
-    return root
+    return data_mirror("mtsamples/mtsamples.csv.gz", "MTSamples")
 
 
 WORDS = {

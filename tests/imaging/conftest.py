@@ -1,14 +1,12 @@
-"""Shared fixtures of the imaging tests: one thread, a private weights cache, tiny backbone options."""
+"""Shared fixtures of the imaging tests: a private weights cache, tiny backbone options."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch, tmp_path_factory):
-    torch.set_num_threads(1)
+def _private_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("PEFT_PIPELINES_CACHE", str(tmp_path_factory.getbasetemp() / "imaging-cache"))
 
 

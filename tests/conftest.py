@@ -1,0 +1,36 @@
+"""Fixtures every test shares: one torch thread (tiny models, shared machines) and the data mirror."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def data_mirror(monkeypatch) -> Callable[[str, str], Path]:
+    """A function (file, dataset) that points the data directory at the mirror, or skips without `file`."""
+
+    def use(relative_file: str, dataset: str) -> Path:
+        root = Path(os.environ["PEFT_PIPELINES_DATA"]) if os.environ.get("PEFT_PIPELINES_DATA") else MIRROR
+        if not (root / relative_file).is_file():
+            pytest.skip(
+                f"{dataset} is not in the data directory {root}; set PEFT_PIPELINES_DATA to the mirror"
+            )
+        monkeypatch.setenv("PEFT_PIPELINES_DATA", str(root))
+        return root
+
+    return use
