@@ -31,32 +31,55 @@ register_optimizer_step_post_hook(_count_step)
 SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d)
 
 
+def _product_operands(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The two factors of x when x is an elementwise product whose factors autograd already keeps.
+
+    A gated feed-forward's down projection reads act(gate) * up; autograd saves both factors for the
+    product's own backward, so saving them instead of x (and multiplying again in backward) costs no
+    memory, where saving x would cost a tensor of the feed-forward width per layer.
+    """
+    grad_fn = x.grad_fn
+    if grad_fn is None or grad_fn.name() != "MulBackward0":
+        return None
+    left, right = grad_fn._saved_self, grad_fn._saved_other
+    if not (isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor)):
+        return None
+    if left.shape != x.shape or right.shape != x.shape or left.dtype != x.dtype or right.dtype != x.dtype:
+        return None
+    return left, right
+
+
 class _FusedLoRALinear(torch.autograd.Function):
-    """y = x W^T + b + (x A^T)(s B)^T for a frozen W; returns float32 gradients for A and B."""
+    """y = x W^T + b + (x A^T)(s B)^T for a frozen W; returns float32 gradients for A and B.
+
+    With `factors` (see `_product_operands`) x is rebuilt in backward as their product, bit for bit.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, a_cast, b_scaled, scaling):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, a_cast, b_scaled, scaling, factors):
         x2 = x.reshape(-1, x.shape[-1])
         out = F.linear(x2, weight, bias)
         u = x2 @ a_cast.t()
         out.addmm_(u, b_scaled.t())
-        ctx.save_for_backward(x, u, weight, a_cast, b_scaled)
-        ctx.scaling = scaling
+        kept = factors if factors is not None else (x,)
+        ctx.save_for_backward(u, weight, a_cast, b_scaled, *kept)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return out  # 2-D: a view made here could not be modified in place by the caller
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, u, weight, a_cast, b_scaled = ctx.saved_tensors
+        u, weight, a_cast, b_scaled, *kept = ctx.saved_tensors
+        x = kept[0] if len(kept) == 1 else kept[0] * kept[1]
         x2 = x.reshape(-1, x.shape[-1])
         g = grad_out.reshape(-1, grad_out.shape[-1])
         gb = g @ b_scaled
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(gb, a_cast).view(x.shape)
+            grad_x = (g @ weight).addmm_(gb, a_cast).view(ctx.x_shape)
         grad_a = (gb.t() @ x2).to(ctx.a_dtype)
         grad_b = (g.t() @ u).to(ctx.b_dtype).mul_(ctx.scaling)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 class LoRAAdapter(nn.Module):
@@ -181,7 +204,8 @@ class LoRAAdapter(nn.Module):
     def fused_forward(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         a_cast, b_scaled = self._cast_weights(x.dtype)
         a, b = self.lora_A.weight, self.lora_B.weight
-        out = _FusedLoRALinear.apply(x, base.weight, base.bias, a, b, a_cast, b_scaled, self.scaling)
+        factors = _product_operands(x) if torch.is_grad_enabled() else None
+        out = _FusedLoRALinear.apply(x, base.weight, base.bias, a, b, a_cast, b_scaled, self.scaling, factors)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta(self, base: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
