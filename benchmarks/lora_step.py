@@ -120,20 +120,30 @@ def run_gpu(names: list[str], steps: int, compile: bool = False) -> list[dict]:
     return rows
 
 
-def run_gpu_isolated(names: list[str], steps: int, compile: bool) -> list[dict]:
-    """Each configuration in a fresh process, so no allocator or clock state carries from one to the next."""
+def run_gpu_isolated(names: list[str], steps: int, compile: bool, repeat: int = 1) -> list[dict]:
+    """Each configuration in `repeat` fresh processes, taken in turns; the median process is reported.
+
+    Processes differ (one configuration's median step varied by up to 20% between processes on an H100),
+    so the row gives the median over processes and their range.
+    """
+    samples: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(repeat):
+        for name in names:
+            with tempfile.TemporaryDirectory() as folder:
+                out = Path(folder) / "row.json"
+                command = [sys.executable, __file__, "--device", "cuda", "--configs", name]
+                command += ["--steps", str(steps), "--json", str(out), "--in-process"]
+                command += ["--compile"] if compile else []
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                row = json.loads(out.read_text())["rows"][0]
+            samples[name].append(row)
+            print(f"{row['config']:22s} {row['step_ms']:8.1f} ms {row['peak_gib']:7.2f} GiB", flush=True)
     rows = []
-    for name in names:
-        with tempfile.TemporaryDirectory() as folder:
-            out = Path(folder) / "row.json"
-            command = [sys.executable, __file__, "--device", "cuda", "--configs", name, "--steps", str(steps)]
-            command += ["--json", str(out), "--in-process"] + (["--compile"] if compile else [])
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            rows += json.loads(out.read_text())["rows"]
-        print(
-            f"{rows[-1]['config']:22s} {rows[-1]['step_ms']:8.1f} ms {rows[-1]['peak_gib']:7.2f} GiB",
-            flush=True,
-        )
+    for runs in samples.values():
+        times = [run["step_ms"] for run in runs]
+        summary = {"step_ms": statistics.median(times), "step_ms_range": [min(times), max(times)]}
+        summary |= {"processes": len(runs), "peak_gib": max(run["peak_gib"] for run in runs)}
+        rows.append({**runs[0], **summary})
     return rows
 
 
@@ -165,12 +175,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--configs", default="full,floor,hf_peft,hf_peft_no_autocast,ours")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model's forward (GPU)")
+    parser.add_argument("--repeat", type=int, default=1, help="GPU: processes per configuration")
     parser.add_argument("--in-process", action="store_true", help="GPU: all configurations in this process")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/lora_step.json"))
     args = parser.parse_args()
     if args.device == "cuda":
-        run = run_gpu if args.in_process else run_gpu_isolated
-        rows, device = run(args.configs.split(","), args.steps, args.compile), torch.cuda.get_device_name()
+        names = args.configs.split(",")
+        if args.in_process:
+            rows = run_gpu(names, args.steps, args.compile)
+        else:
+            rows = run_gpu_isolated(names, args.steps, args.compile, args.repeat)
+        device = torch.cuda.get_device_name()
     else:
         torch.manual_seed(0)
         rows, device = (
@@ -186,7 +201,8 @@ def main() -> None:
         ratio_t = f"{row['step_ms'] / floor['step_ms']:.3f}" if floor else "-"
         ratio_m = f"{row['peak_gib'] / floor['peak_gib']:.3f}" if floor else "-"
         peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "-"
-        print(f"{row['config']:22s} {row['step_ms']:10.1f} {peak:>11s} {ratio_t:>11s} {ratio_m:>10s}")
+        spread = " ({:.1f}-{:.1f})".format(*row["step_ms_range"]) if "step_ms_range" in row else ""
+        print(f"{row['config']:22s} {row['step_ms']:10.1f} {peak:>11s} {ratio_t:>11s} {ratio_m:>10s}{spread}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": device, "torch": torch.__version__, "rows": rows}
     args.json.write_text(json.dumps(result, indent=2))
