@@ -30,7 +30,8 @@ from pipelines.core.peft import (
 from pipelines.core.training import TrainConfig, TrainResult, train
 from pipelines.speech.audio import AudioConfig, load_wav
 from pipelines.speech.data import Utterance, peak_normalize, uniform_durations
-from pipelines.speech.hf_tts import HfExample, HfTts, collate_hf, hf_adapter_targets, log_mel, mel_bins_below
+from pipelines.speech.hf_features import HfExample, collate_hf, log_mel, mel_bins_below
+from pipelines.speech.hf_tts import HfTts, hf_adapter_targets
 from pipelines.speech.metrics import log_f0_rmse, mel_cepstral_distortion, yin_f0
 from pipelines.speech.scoring import Synthesis, evaluate_scores
 

@@ -16,7 +16,8 @@ from pipelines.core.training import TrainConfig
 from pipelines.speech.audio import write_wav
 from pipelines.speech.data import folder_utterances
 from pipelines.speech.hf_adaptation import adapt_hf, default_hf_adapter, hf_examples
-from pipelines.speech.hf_tts import HfExample, load_hf_tts, tiny_hf_tts
+from pipelines.speech.hf_features import HfExample
+from pipelines.speech.hf_tts import load_hf_tts, tiny_hf_tts
 
 MIRROR = Path(os.environ.get("PEFT_PIPELINES_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "speech"
