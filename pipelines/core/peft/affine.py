@@ -56,6 +56,9 @@ class ChannelAffine(nn.Module):
             )
         if self.shift_name and getattr(base, "bias", None) is None:
             raise ValueError(f"Cannot merge a shift into {self.name!r}: the layer has no bias.")
+        scale = self._factors()[0]
+        if scale is not None and bool((scale == 0).any()):
+            raise ValueError(f"Cannot merge into {self.name!r}: a zero scale could not be unmerged.")
 
     def merge_into(self, base: nn.Module) -> None:
         self.check_mergeable(base)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -66,20 +67,29 @@ def _default_targets(spec: AdapterSpec) -> list[str]:
     return []
 
 
-def _select(model: nn.Module, targets: list[str], what: str) -> list[LogicalModule]:
-    found = []
+def _hits(target: str, item: LogicalModule) -> bool:
+    module = item.module
+    if target == "__has_bias__":
+        return isinstance(getattr(module, "bias", None), nn.Parameter)
+    if target == "__is_norm__":  # the norms norm tuning can reproduce, with something to tune
+        return unsupported_norm(module) is None
+    return matches(target, item.name, module)
+
+
+def _select(
+    model: nn.Module, targets: list[str], what: str, optional: tuple[str, ...] = ()
+) -> list[LogicalModule]:
+    """The modules any target selects; a target (not in `optional`) that selects nothing is warned about."""
+    found, used = [], set()
     for item in logical_modules(model):
-        module = item.module
-        for target in targets:
-            if target == "__has_bias__":
-                hit = isinstance(getattr(module, "bias", None), nn.Parameter)
-            elif target == "__is_norm__":  # the norms norm tuning can reproduce, with something to tune
-                hit = unsupported_norm(module) is None
-            else:
-                hit = matches(target, item.name, module)
-            if hit:
-                found.append(item)
-                break
+        hit = [target for target in targets if _hits(target, item)]
+        if hit:
+            found.append(item)
+            used.update(hit)
+    unused = [t for t in targets if t not in used and not t.startswith("__") and t not in optional]
+    if found and unused:
+        warnings.warn(f"{what}: target {unused[0]!r} matches no module (the others do); is it misspelt?",
+                      stacklevel=3)  # fmt: skip
     if not found and all(t.startswith("type:") for t in targets):
         types = sorted({type(item.module).__name__ for item in logical_modules(model)})
         raise ValueError(
@@ -156,7 +166,8 @@ def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default") -> n
         raise ValueError(
             f"The {spec.method} adapter {name!r} needs targets (module names, re:..., type:...)."
         )
-    selected = _select(model, targets, f"The {spec.method} adapter {name!r}")
+    presets = tuple(BOTTLENECK_PRESETS[spec.preset]) if isinstance(spec, Bottleneck) and spec.preset else ()
+    selected = _select(model, targets, f"The {spec.method} adapter {name!r}", optional=presets)
     built = [
         (item, _build(spec, item.module, item.name)) for item in selected
     ]  # fail before changing anything

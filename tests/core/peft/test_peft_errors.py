@@ -298,3 +298,17 @@ def test_hf_peft_configs_we_cannot_honour(saved):
     ):
         load_adapter(base, directory)
     assert_untouched(base)
+
+
+def test_a_target_that_matches_nothing_beside_others_is_warned_about():
+    from pipelines.core.peft import IA3, merge
+
+    with pytest.warns(
+        UserWarning, match="target 'q_prj' matches no module \\(the others do\\); is it misspelt"
+    ):
+        add_adapter(Block(), LoRA(targets=["q_prj", "head"]))
+    model = add_adapter(Block(), IA3(targets=["q_proj"]))
+    with torch.no_grad():
+        model.q_proj.adapters["default"].ia3_l.zero_()
+    with refused("Cannot merge into 'q_proj': a zero scale could not be unmerged."):
+        merge(model)
