@@ -31,8 +31,10 @@ from pipelines.core.peft import (
     PromptTuning,
     adapter_specs,
     add_adapter,
+    is_norm,
     set_trainable,
     spec_from_dict,
+    unsupported_norm,
 )
 from pipelines.imaging.backbones import Backbone
 from pipelines.imaging.metrics import youden_threshold
@@ -50,14 +52,6 @@ __all__ = [
 
 METHOD_BASELINES = ("lora", "ssf", "bitfit", "norm", "bottleneck", "prompt", "ia3")
 BASELINES = ("linear_probe", "full_finetune", *METHOD_BASELINES)
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-# The core's NormTuning recomputes the norm itself, so it fits only layers that do nothing else: timm's
-# BatchNormAct2d (norm + activation) or LayerNorm2d (permutes) would lose their extra steps.
-_PLAIN_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.LayerNorm.forward, nn.GroupNorm.forward)
-
-
-def _plain_norm(module: nn.Module) -> bool:
-    return type(module).forward in _PLAIN_NORM_FORWARDS
 
 
 def default_spec(method: str, backbone: Backbone):
@@ -108,20 +102,20 @@ def resolve_targets(model: ImageClassifier, spec, backbone: Backbone):
         if not targets and isinstance(spec, BitFit):
             hit = isinstance(getattr(module, "bias", None), nn.Parameter)
         elif not targets and isinstance(spec, NormTuning):
-            hit = isinstance(module, _NORM_TYPES)
+            hit = is_norm(module)
         elif isinstance(spec, LoRA) and getattr(module, "groups", 1) > 1:
             hit = False
         else:
             hit = any(_matches(t, local, module) or _matches(t, name, module) for t in targets)
-        if hit and isinstance(spec, NormTuning) and not _plain_norm(module):
+        if hit and isinstance(spec, NormTuning) and unsupported_norm(module):
             unsupported.add(type(module).__name__)
         elif hit:
             chosen.append(f"re:{re.escape(name)}")
     if unsupported and (targets or not chosen):
         raise ValueError(
             f"NormTuning cannot tune {', '.join(sorted(unsupported))} layers of backbone "
-            f"'{backbone.provenance['name']}' (they fuse an activation or reshape around the norm, which the "
-            "adapter would drop); use ssf or bitfit on this backbone instead"
+            f"'{backbone.provenance['name']}' (their forward does more than the norm, or they have "
+            "nothing to tune); use ssf or bitfit on this backbone instead"
         )
     if not chosen:
         raise ValueError(

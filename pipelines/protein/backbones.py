@@ -119,10 +119,6 @@ def _layer_regex(prefix: str, layers: list[int], paths: list[str]) -> str:
     return rf"re:(?:^|.*\.){re.escape(prefix)}\.(?:{layer_part})\.(?:{path_part})$"
 
 
-def _clone_view_output(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
-    return output.clone() if output._is_view() else None
-
-
 class EsmBackbone(nn.Module):
     """A fair-esm ``ESM2`` (as ``self.model``) returning last-layer hidden states."""
 
@@ -145,21 +141,10 @@ class EsmBackbone(nn.Module):
         self.hidden_size = model.embed_dim
         self.layer_prefix = "model.layers"
 
-    def _guard_query_outputs(self) -> None:
-        # fair-esm scales q in place (q *= scaling); core LoRA's fused Function returns a view, which
-        # autograd forbids modifying in place. Cloning views keeps that working (a no-op otherwise).
-        for layer in self.model.layers:
-            query = layer.self_attn.q_proj
-            if not getattr(query, "_protein_clone_guard", False):
-                query.register_forward_hook(_clone_view_output)
-                query._protein_clone_guard = True
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        self._guard_query_outputs()
         return self.model(tokens, repr_layers=[self.num_layers])["representations"][self.num_layers]
 
     def masked_lm_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        self._guard_query_outputs()
         return self.model(tokens)["logits"]
 
     def target_patterns(self, roles: list[str], layers: list[int]) -> list[str]:

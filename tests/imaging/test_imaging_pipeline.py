@@ -170,11 +170,13 @@ def test_batchnorm_statistics_update_only_when_asked_and_only_where_tuned(tiny_d
     assert changed == (["backbone.net.features.norm0.adapters.task.running_mean"] if update else [])
 
 
-def test_norm_tuning_refuses_norm_layers_with_fused_activations():
-    from pipelines.core.peft import NormTuning
+def test_norm_tuning_adapts_norm_layers_with_fused_activations():
+    from pipelines.core.peft import AdaptedLayer, NormTuning
     from pipelines.imaging.backbones import load_backbone
     from pipelines.imaging.methods import build_classifier
 
+    torch.manual_seed(0)
     backbone = load_backbone("timm:efficientnet_lite0", pretrained=False)
-    with pytest.raises(ValueError, match="NormTuning cannot tune BatchNormAct2d layers of backbone"):
-        build_classifier(backbone, "adapter", NormTuning(), 2, "binary", "task")
+    model = build_classifier(backbone, "adapter", NormTuning(), 2, "binary", "task")[0].eval()
+    adapted = {type(m.base_layer).__name__ for m in model.modules() if isinstance(m, AdaptedLayer)}
+    assert adapted == {"BatchNormAct2d"}  # the activation after each norm is kept by the core adapter

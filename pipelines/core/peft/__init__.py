@@ -21,6 +21,7 @@ from .inject import (
     wrappers,
 )
 from .layers import AdaptedLayer
+from .norm import is_norm, unsupported_norm
 from .prompt import extend_attention_mask
 from .specs import (
     ADAPTER_METHODS,
@@ -39,7 +40,7 @@ from .specs import (
 __all__ = [
     "ADAPTER_METHODS", "IA3", "SSF", "AdaptedLayer", "AdapterSpec", "BitFit", "Bottleneck", "LoRA",
     "NormTuning", "ParameterCount", "PromptTuning", "adapter_names", "adapter_specs", "add_adapter",
-    "convert_adapter", "count_parameters", "disable_adapters", "extend_attention_mask", "load_adapter",
-    "merge", "merge_and_unload", "remove_adapter", "save_adapter", "set_trainable", "spec_from_dict",
-    "spec_to_dict", "unmerge", "wrappers",
+    "convert_adapter", "count_parameters", "disable_adapters", "extend_attention_mask", "is_norm",
+    "load_adapter", "merge", "merge_and_unload", "remove_adapter", "save_adapter", "set_trainable",
+    "spec_from_dict", "spec_to_dict", "unmerge", "unsupported_norm", "wrappers",
 ]  # fmt: skip
