@@ -184,6 +184,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     folders = sorted(p for p in adapters.glob("*") if p.is_dir()) if adapters.is_dir() else []
     if args.adapter:
         folders = [p for p in folders if p.name in args.adapter]
+    else:  # other folders (a classification head's files, say) are not adapters
+        for other in [p for p in folders if not (p / "adapter_config.json").is_file()]:
+            print(f"{other.name}: skipped, not an adapter (no adapter_config.json)")
+        folders = [p for p in folders if (p / "adapter_config.json").is_file()]
     if not folders:
         raise FileNotFoundError(
             f"no adapters in {adapters}{' named ' + ', '.join(args.adapter) if args.adapter else ''}"

@@ -204,3 +204,18 @@ def test_export_copies_adapters_in_their_saved_format(tmp_path, capsys):
     shutil.rmtree(tmp_path / "run" / "adapters")
     assert cli.main(["export", "run", "--out", "x"]) == 1
     assert capsys.readouterr().err == "peft-pipelines: error: no adapters in run/adapters\n"
+
+
+def test_export_converts_real_adapters_and_skips_head_folders(tmp_path, capsys):
+    from torch import nn
+
+    from pipelines.core.peft import LoRA, add_adapter, save_adapter
+
+    model = add_adapter(nn.Sequential(nn.Linear(4, 4)), LoRA(r=2, targets=["0"]), name="task")
+    save_adapter(model, tmp_path / "run" / "adapters" / "task")
+    (tmp_path / "run" / "adapters" / "classifier").mkdir()
+    assert cli.main(["export", "run", "--format", "peft", "--out", "exported"]) == 0
+    out = capsys.readouterr().out
+    assert "classifier: skipped, not an adapter (no adapter_config.json)" in out
+    config = (tmp_path / "exported" / "task" / "adapter_config.json").read_text()
+    assert '"peft_type": "LORA"' in config
