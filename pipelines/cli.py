@@ -357,9 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        again = (
-            f"{PROG} run {args.recipe} --resume" if args.command == "run" else f"{PROG} run RECIPE --resume"
-        )
+        again = f"{PROG} run RECIPE --resume"
+        if args.command == "run":  # the same overrides and output folder, so --resume finds the run
+            again = " ".join([PROG, "run", args.recipe, *args.overrides, "--resume"])
+            again += f" --output-dir {args.output_dir}" if args.output_dir else ""
         print(f"{PROG}: interrupted; continue from the last checkpoint with `{again}`", file=sys.stderr)
         return 130
     except Exception as error:

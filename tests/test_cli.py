@@ -141,6 +141,10 @@ def test_interrupt_exits_130_with_the_resume_command(monkeypatch, capsys):
         "peft-pipelines: interrupted; continue from the last checkpoint with "
         "`peft-pipelines run toy/toy_cli --resume`\n"
     )
+    assert cli.main(["run", "toy/toy_cli", "seed=3", "--output-dir", "elsewhere"]) == 130
+    assert capsys.readouterr().err.endswith(
+        "`peft-pipelines run toy/toy_cli seed=3 --resume --output-dir elsewhere`\n"
+    )
 
 
 def test_evaluate_a_predictions_csv(tmp_path, capsys):
