@@ -55,13 +55,25 @@ class _Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+class _LossStep(nn.Module):
+    """The model and loss_fn as one module: DistributedDataParallel wraps this, so its forward runs
+    loss_fn on the plain model (whose methods stay reachable) and still synchronises gradients."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
 @dataclass
 class _Run:
     """Everything the loop functions share, so each takes one argument instead of a dozen."""
 
     config: TrainConfig
     model: nn.Module
-    wrapped: nn.Module  # what loss_fn receives: the DDP wrapper, or the model itself
+    wrapped: nn.Module  # a _LossStep, wrapped by DDP under torchrun; calling it returns the loss
     loss_fn: LossFn
     train_data: Dataset | DataLoader
     val_data: Dataset | DataLoader | None
@@ -99,7 +111,8 @@ def train(
     Args:
         model: the module; only parameters with requires_grad are optimised and checkpointed.
         train_data: a map-style Dataset (the loop builds a seeded, resumable DataLoader) or a DataLoader.
-        loss_fn: loss_fn(model, batch) -> scalar tensor; the batch is already on the training device.
+        loss_fn: loss_fn(model, batch) -> scalar tensor; the batch is already on the training device and
+            the model is the plain module, under torchrun too.
         config: TrainConfig; defaults when None.
         val_data: evaluated with loss_fn (metric "loss") when evaluate_fn is None.
         evaluate_fn: evaluate_fn(model) -> dict of metrics; called on every process.
@@ -121,7 +134,10 @@ def train(
     if config.device or D.world_size() > 1:
         model.to(device)
     ckpt.seed_everything(seed + D.rank())
-    wrapped = D.wrap_model(model, config.strategy, device)
+    if config.strategy == "fsdp":  # FSDP shards the model in place; DDP wraps the loss step
+        wrapped = _LossStep(D.wrap_model(model, config.strategy, device), loss_fn)
+    else:
+        wrapped = D.wrap_model(_LossStep(model, loss_fn), config.strategy, device)
     run = _Run(config, model, wrapped, loss_fn, train_data, val_data, evaluate_fn, collate_fn, seed, device,
                run_dir / "checkpoints" / "last" if run_dir is not None else None)  # fmt: skip
     _prepare(run)
@@ -244,10 +260,11 @@ def _epoch_float(run: _Run) -> float:
 def _optimizer_step(run: _Run, window: list[Any]) -> tuple[float, float | None]:
     """Forward/backward over the micro-batches, then clip and step; returns (loss, grad norm)."""
     total = torch.zeros((), device=run.device)
+    ddp = isinstance(run.wrapped, nn.parallel.DistributedDataParallel)
     for index, batch in enumerate(window):
-        with D.gradient_sync(run.wrapped, sync=index == len(window) - 1):
+        with D.gradient_sync(run.wrapped if ddp else run.model, sync=index == len(window) - 1):
             with _autocast(run):
-                loss = run.loss_fn(run.wrapped, D.move_to_device(batch, run.device))
+                loss = run.wrapped(D.move_to_device(batch, run.device))
             if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
                 shape = tuple(getattr(loss, "shape", ()))
                 raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} {shape}; "
@@ -300,7 +317,7 @@ def _evaluate_and_track(run: _Run, log: ckpt.RunLog) -> None:
 
 def _evaluate(run: _Run) -> dict[str, float]:
     """Returns rank 0's metrics on every rank; the training RNG streams are left untouched."""
-    target = D.unwrap_model(run.wrapped)
+    target = run.model
     target.eval()
     saved_rng = ckpt.capture_rng(run.device)
     try:
