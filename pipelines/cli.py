@@ -23,10 +23,12 @@ _KINDS = ("pipelines", "recipes", "datasets")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.core.distributed import is_main_process
     from pipelines.core.runner import run_recipe, summary_line
 
     run_dir = run_recipe(args.recipe, args.overrides, resume=args.resume, output_dir=args.output_dir)
-    print(summary_line(run_dir))
+    if is_main_process():  # under torchrun only rank 0 writes the report, so only it summarises
+        print(summary_line(run_dir))
     return 0
 
 
