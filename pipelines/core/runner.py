@@ -235,7 +235,7 @@ def summary_line(run_dir: Path) -> str:
     headline = report["headline"]
     return (
         f"{report['name']}: {headline['metric']} {_interval(headline)} ({headline['model']}), "
-        f"{_comparison(report)}; report: {Path(run_dir) / 'report.md'}"
+        f"{_comparison(report, _compared(Path(run_dir)))}; report: {Path(run_dir) / 'report.md'}"
     )
 
 
