@@ -109,22 +109,21 @@ class SpeakerAdaptationPipeline:
                 f"speech/speaker_adaptation takes one stage, the recipe has {len(recipe.stages)}"
             )
         stage = recipe.stages[0]
+        common = dict(
+            name=stage.name,
+            seed=recipe.seed,
+            stage_options=options.stages[0] if options.stages else None,
+            data_options=options.data,
+            compare=recipe.compare,
+        )
         if is_hf_backbone(recipe.backbone.name):
             from pipelines.speech.hf_pipeline import HfSpeakerAdaptationPipeline
 
-            hf_pipe = HfSpeakerAdaptationPipeline(
-                recipe.backbone.name,
-                stage.adapter,
-                stage.train,
-                options.backbone,
-                name=stage.name,
-                seed=recipe.seed,
-                stage_options=options.stages[0] if options.stages else None,
-                data_options=options.data,
-                compare=recipe.compare,
+            pipe = HfSpeakerAdaptationPipeline(
+                recipe.backbone.name, stage.adapter, stage.train, options.backbone, **common
             )
-            hf_pipe.recipe = recipe
-            return hf_pipe
+            pipe.recipe = recipe
+            return pipe
         if "base" in recipe.compare:
             raise ValueError(
                 "compare: 'base' is for transformers backbones; the FSDD base model's own voice is "
@@ -136,17 +135,7 @@ class SpeakerAdaptationPipeline:
                 "the FSDD base adapts to an FSDD speaker (data.options.target_speaker)"
             )
         spec = stage.adapter or Bottleneck(targets=adapter_targets(), hidden=16)
-        pipe = cls(
-            recipe.backbone.name,
-            spec,
-            stage.train,
-            options.backbone,
-            name=stage.name,
-            seed=recipe.seed,
-            stage_options=options.stages[0] if options.stages else None,
-            data_options=options.data,
-            compare=recipe.compare,
-        )
+        pipe = cls(recipe.backbone.name, spec, stage.train, options.backbone, **common)
         pipe.recipe = recipe
         return pipe
 
