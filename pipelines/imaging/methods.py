@@ -221,9 +221,8 @@ def score_model(
         y_val, s_val = predict_scores(model, val_loader)
         threshold = youden_threshold(y_val, s_val)
     y_test, s_test = predict_scores(model, test_loader)
-    report = evaluate(
-        task, y_test, s_test, metrics, bootstrap=bootstrap, seed=seed, threshold=threshold or 0.5
-    )
+    chosen = 0.5 if threshold is None else threshold  # a chosen 0.0 (everything positive) stays 0.0
+    report = evaluate(task, y_test, s_test, metrics, bootstrap=bootstrap, seed=seed, threshold=chosen)
     return report, (y_test, s_test), threshold
 
 

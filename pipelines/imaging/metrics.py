@@ -26,17 +26,27 @@ THRESHOLD_METRICS = ("sensitivity", "specificity", "accuracy", "f1")
 def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """Return the score threshold maximising sensitivity + specificity - 1 on (validation) data.
 
-    A score at or above the threshold is called positive. With one class only the threshold is 0.5.
+    A score at or above the threshold is called positive, as in scikit-learn's ``roc_curve``, whose
+    points are the candidates: the threshold is always an observed score, so tied scores fall on the
+    same side; among equally good points the first (highest threshold) wins. When calling nothing
+    positive is best, the threshold is 1.0, or just above the highest score if that is 1.0 itself.
+    With one class only the threshold is 0.5.
     """
     from sklearn.metrics import roc_curve
 
     y_true = np.asarray(y_true).ravel()
+    y_score = np.asarray(y_score).ravel()
     if len(np.unique(y_true)) < 2:
         return 0.5
-    fpr, tpr, thresholds = roc_curve(y_true, np.asarray(y_score).ravel())
+    fpr, tpr, thresholds = roc_curve(y_true, y_score)
     best = int(np.argmax(tpr - fpr))
     threshold = float(thresholds[best])
-    return min(threshold, 1.0) if math.isfinite(threshold) else 1.0
+    top = float(y_score.max())
+    if math.isfinite(threshold) and threshold <= top:
+        return threshold
+    # roc_curve's first point (nothing positive) sits above every score; 1.0 would call saturated
+    # scores of exactly 1.0 positive, so step past them
+    return 1.0 if top < 1.0 else float(np.nextafter(top, np.inf))
 
 
 def threshold_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float) -> dict[str, float]:
