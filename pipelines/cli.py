@@ -93,17 +93,10 @@ def _recipe_rows(pattern: str, args: argparse.Namespace) -> list[str]:
 
 
 def _dataset_rows(pattern: str, args: argparse.Namespace) -> list[str]:
-    import importlib
-
     from pipelines.core.data import data_dir, get_dataset, list_datasets, verify_dataset
-    from pipelines.core.registry import DOMAINS, import_domains
+    from pipelines.core.registry import import_domains
 
-    import_domains()
-    for prefix in DOMAINS:  # datasets register in each domain's data module
-        try:
-            importlib.import_module(f"pipelines.{prefix}.data")
-        except ImportError:
-            pass
+    import_domains()  # each domain registers its datasets when it is imported
     rows = []
     for name in list_datasets(pattern):
         info = get_dataset(name)

@@ -35,7 +35,7 @@ def toy_world(tmp_path, monkeypatch):
     """A registry with one toy pipeline and a recipes folder with one toy recipe."""
     monkeypatch.setattr(registry, "_PIPELINES", {})
     monkeypatch.setattr(registry, "_IMPORT_ERRORS", {})
-    monkeypatch.setattr(registry, "DOMAINS", {})
+    monkeypatch.setattr(registry, "_DOMAINS", {})
     registry.register_pipeline("toy/cli", ToyPipeline)
     recipes = tmp_path / "recipes"
     (recipes / "toy").mkdir(parents=True)

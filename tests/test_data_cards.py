@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
 from pipelines.core.cards import CardError, DataCard, cards_dir, list_cards, load_card
 from pipelines.core.data import get_dataset, list_datasets
-from pipelines.core.registry import DOMAINS
+from pipelines.core.registry import import_domains
 
 EXPECTED_CARDS = {
     "pneumoniamnist",
@@ -22,12 +20,8 @@ EXPECTED_CARDS = {
 
 
 def _registered_datasets() -> list[str]:
-    """Import each domain's data module that imports here (its optional libraries may be absent)."""
-    for prefix in DOMAINS:
-        try:
-            importlib.import_module(f"pipelines.{prefix}.data")
-        except ImportError:
-            pass
+    """Import each domain that imports here (its optional libraries may be absent); datasets register then."""
+    import_domains()
     return list_datasets()
 
 

@@ -6,8 +6,7 @@ import pytest
 import yaml
 
 from pipelines.core.recipe import Recipe, find_recipe, list_recipes, load_recipe, recipe_to_yaml, recipes_dir
-from pipelines.core.registry import DOMAINS, import_domains
-from pipelines.core.runner import DEMO_RECIPES
+from pipelines.core.registry import demo_recipes, domain_modules, import_domains
 
 
 def _skip_if_domain_dependency_missing(name: str) -> None:
@@ -16,13 +15,13 @@ def _skip_if_domain_dependency_missing(name: str) -> None:
     error = import_domains().get(prefix)
     missing = getattr(error, "name", "") or ""
     if error is not None and not missing.startswith("pipelines"):
-        pytest.skip(f"{DOMAINS[prefix]} needs {missing or error}, which is not installed")
+        pytest.skip(f"{domain_modules()[prefix][0]} needs {missing or error}, which is not installed")
 
 
 def test_recipes_are_in_domain_folders():
     stray = list(recipes_dir().glob("*.yaml")) if recipes_dir().is_dir() else []
     assert stray == [], "recipes live in recipes/<domain>/"
-    assert {name.split("/")[0] for name in list_recipes()} <= set(DOMAINS)
+    assert {name.split("/")[0] for name in list_recipes()} <= set(domain_modules())
 
 
 @pytest.mark.parametrize("name", list_recipes())
@@ -36,9 +35,9 @@ def test_shipped_recipe_is_valid(name):
     assert again.model_dump() == recipe.model_dump()
 
 
-@pytest.mark.parametrize("domain", sorted(DEMO_RECIPES))
-def test_demo_recipe_names_are_well_formed(domain):
-    name = DEMO_RECIPES[domain]
-    assert name.startswith(f"{domain}/") and not name.endswith(".yaml")
-    if name in list_recipes():
+def test_every_domain_declares_a_shipped_demo_recipe():
+    demos = demo_recipes()
+    assert sorted(demos) == sorted(domain_modules())
+    for domain, name in demos.items():
+        assert name.startswith(f"{domain}/") and not name.endswith(".yaml")
         assert find_recipe(name) == recipes_dir() / f"{name}.yaml"

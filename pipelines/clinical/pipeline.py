@@ -67,7 +67,7 @@ def _train_config(value: Any) -> TrainConfig:
     return value if isinstance(value, TrainConfig) else TrainConfig.model_validate(dict(value or {}))
 
 
-@register_pipeline("clinical/two_stage", options=ClinicalOptions)
+@register_pipeline("clinical/two_stage", options=ClinicalOptions, demo="clinical/mtsamples_cardio_two_stage")
 class ClinicalTwoStagePipeline:
     """Clinical text classification with a domain adapter (causal LM) and a task adapter on LLaMA models."""
 

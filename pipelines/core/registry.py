@@ -1,8 +1,11 @@
 """Pipeline registry: ``register_pipeline``, ``create_pipeline``, ``list_pipelines``.
 
-Pipeline names are ``<domain>/<task>`` (e.g. ``imaging/classification``). Domain modules are imported
-lazily: asking for ``imaging/...`` imports ``pipelines.imaging.pipeline``, which registers its pipelines,
-so ``import pipelines`` stays light and core never imports a domain at import time.
+Pipeline names are ``<domain>/<task>`` (e.g. ``imaging/classification``). A domain is a module named
+in the ``peft_pipelines.pipelines`` entry-point group of an installed distribution (this package's
+four in its ``pyproject.toml``; a lab adds its own the same way); the entry's name is the domain prefix.
+Domain modules are imported lazily: asking for ``imaging/...`` imports the module registered as
+``imaging``, which registers its pipelines, so ``import pipelines`` stays light and the core names no
+domain.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import difflib
 import fnmatch
 import importlib
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 __all__ = [
-    "DOMAINS",
+    "ENTRY_POINT_GROUP",
+    "domain_modules",
     "PipelineEntry",
     "RegistryError",
     "register_pipeline",
@@ -23,17 +28,12 @@ __all__ = [
     "get_pipeline_entry",
     "list_pipelines",
     "import_domains",
+    "demo_recipes",
     "describe_pipelines",
     "unregister_pipeline",
 ]
 
-# name prefix -> module that registers that domain's pipelines (and, through its data module, datasets)
-DOMAINS: dict[str, str] = {
-    "imaging": "pipelines.imaging.pipeline",
-    "clinical": "pipelines.clinical.pipeline",
-    "protein": "pipelines.protein.pipeline",
-    "speech": "pipelines.speech.pipeline",
-}
+ENTRY_POINT_GROUP = "peft_pipelines.pipelines"
 
 
 class RegistryError(LookupError):
@@ -48,14 +48,34 @@ class PipelineEntry:
     cls: type
     options: type | None = None
     description: str = ""
+    demo: str | None = None
 
 
 _PIPELINES: dict[str, PipelineEntry] = {}
 _IMPORT_ERRORS: dict[str, BaseException] = {}
+# domain prefix -> (module that registers its pipelines and datasets, distribution that declares it)
+_DOMAINS: dict[str, tuple[str, str]] | None = None
+
+
+def domain_modules() -> dict[str, tuple[str, str]]:
+    """Domain prefix -> (module, distribution) from the ``peft_pipelines.pipelines`` entry points."""
+    global _DOMAINS
+    if _DOMAINS is None:
+        found = {}
+        for point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(point, "dist", None)
+            found.setdefault(point.name, (point.value.split(":")[0], dist.name if dist else "?"))
+        _DOMAINS = found
+    return _DOMAINS
 
 
 def register_pipeline(
-    name: str, cls: type | None = None, *, options: type | None = None, description: str = ""
+    name: str,
+    cls: type | None = None,
+    *,
+    options: type | None = None,
+    description: str = "",
+    demo: str | None = None,
 ) -> Any:
     """Register a pipeline class under ``name``; usable as ``@register_pipeline("imaging/x")``.
 
@@ -64,6 +84,7 @@ def register_pipeline(
         cls: The pipeline class; omit it to use this function as a decorator.
         options: Pydantic model validating the recipe's options (see :mod:`pipelines.core.recipe`).
         description: One line; defaults to the first line of the class docstring.
+        demo: The shipped recipe (``domain/name``) that ``peft-pipelines demo`` runs for this domain.
 
     Returns:
         The class (so the decorator leaves it unchanged).
@@ -81,7 +102,8 @@ def register_pipeline(
                     f"{existing.cls.__qualname__}; choose another name"
                 )
         doc = (pipeline_cls.__doc__ or "").strip().splitlines()
-        _PIPELINES[name] = PipelineEntry(name, pipeline_cls, options, description or (doc[0] if doc else ""))
+        summary = description or (doc[0] if doc else "")
+        _PIPELINES[name] = PipelineEntry(name, pipeline_cls, options, summary, demo)
         return pipeline_cls
 
     if cls is None:
@@ -95,11 +117,11 @@ def unregister_pipeline(name: str) -> None:
 
 
 def _import_domain(prefix: str) -> None:
-    module = DOMAINS.get(prefix)
+    module = domain_modules().get(prefix)
     if module is None or prefix in _IMPORT_ERRORS:
         return
     try:
-        importlib.import_module(module)
+        importlib.import_module(module[0])
     except ImportError as error:
         # an absent domain (or a missing optional dependency) must not break listing the others
         _IMPORT_ERRORS[prefix] = error
@@ -107,7 +129,7 @@ def _import_domain(prefix: str) -> None:
 
 def import_domains() -> dict[str, BaseException]:
     """Import every known domain module; return the import errors of those that failed, by prefix."""
-    for prefix in DOMAINS:
+    for prefix in domain_modules():
         _import_domain(prefix)
     return dict(_IMPORT_ERRORS)
 
@@ -131,12 +153,15 @@ def get_pipeline_entry(name: str) -> PipelineEntry:
     prefix = name.split("/", 1)[0]
     if prefix in _IMPORT_ERRORS:
         error = _IMPORT_ERRORS[prefix]
+        module, distribution = domain_modules()[prefix]
         missing = getattr(error, "name", None) or ""
-        if missing and DOMAINS[prefix].startswith(missing):
+        if missing and module.startswith(missing):
             fix = f"this installation has no {prefix} domain"
-        else:
+        elif distribution == "peft-pipelines":
             fix = f"install its dependencies: pip install 'peft-pipelines[{prefix}]'"
-        message += f"; module {DOMAINS[prefix]} failed to import ({error}): {fix}"
+        else:
+            fix = f"install the dependencies of {distribution}"
+        message += f"; module {module} failed to import ({error}): {fix}"
     elif not matches:
         message += f"; registered pipelines: {', '.join(sorted(_PIPELINES)) or 'none'}"
     raise RegistryError(message)
@@ -165,3 +190,12 @@ def list_pipelines(pattern: str = "*") -> list[str]:
 def describe_pipelines(pattern: str = "*") -> list[PipelineEntry]:
     """Return the registry entries whose names match ``pattern``, sorted by name."""
     return [_PIPELINES[n] for n in list_pipelines(pattern)]
+
+
+def demo_recipes() -> dict[str, str]:
+    """Domain prefix -> the shipped demo recipe its pipelines declare (imports every domain)."""
+    demos = {}
+    for entry in describe_pipelines():
+        if entry.demo:
+            demos.setdefault(entry.name.split("/", 1)[0], entry.demo)
+    return demos

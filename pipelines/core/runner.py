@@ -30,7 +30,6 @@ from pipelines.core.recipe import (
 from pipelines.core.recipe_yaml import RecipeValidationError
 
 __all__ = [
-    "DEMO_RECIPES",
     "RunError",
     "run_recipe",
     "run_demo",
@@ -41,16 +40,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# domain -> the shipped recipe `peft-pipelines demo` runs (offline, minutes); the speech pipeline trains
-# and caches its multi-speaker base model itself when it is absent.
-DEMO_RECIPES: dict[str, str] = {
-    "imaging": "imaging/pneumoniamnist_dinov2s_lora",
-    "clinical": "clinical/mtsamples_cardio_two_stage",
-    "protein": "protein/gb1_lora",
-    "speech": "speech/fsdd_speaker_adapter",
-}
-# metrics where smaller is better, for metrics the evaluation registry does not know in this process
-LOWER_IS_BETTER = frozenset({"loss", "mse", "rmse", "mae", "perplexity", "mcd", "ece", "brier", "wer", "cer"})
 _TIMESTAMP = "%Y%m%d-%H%M%S"
 
 
@@ -177,15 +166,17 @@ def run_demo(
         The index path and ``{domain: error message}`` for the domains that failed.
     """
     from pipelines.core.recipe import recipes_dir
+    from pipelines.core.registry import demo_recipes
 
-    chosen = list(DEMO_RECIPES) if not domains else list(domains)
-    unknown = [d for d in chosen if d not in DEMO_RECIPES]
+    demos = demo_recipes()  # each domain's pipelines name their demo recipe when they register
+    chosen = list(demos) if not domains else list(domains)
+    unknown = [d for d in chosen if d not in demos]
     if unknown:
-        raise ValueError(f"no demo for domain {unknown[0]!r}; choose from {', '.join(DEMO_RECIPES)}")
+        raise ValueError(f"no demo for domain {unknown[0]!r}; choose from {', '.join(demos)}")
     runs: list[Path] = []
     failures: dict[str, str] = {}
     for domain in chosen:
-        recipe_file = recipes_dir() / f"{DEMO_RECIPES[domain]}.yaml"
+        recipe_file = recipes_dir() / f"{demos[domain]}.yaml"
         if not recipe_file.is_file():
             failures[domain] = f"its demo recipe {recipe_file} is not in this checkout"
             continue
@@ -218,12 +209,15 @@ def _duration(seconds: Any) -> str:
 
 
 def _greater_is_better(metric: str) -> bool:
-    try:
-        from pipelines.core.evaluation import get_metric
+    """The metric's direction from the evaluation registry (domains register theirs on import)."""
+    from pipelines.core.evaluation import get_metric
+    from pipelines.core.registry import import_domains
 
+    try:
         return get_metric(metric).greater_is_better
-    except (ImportError, ValueError):  # a domain metric whose domain is not imported here
-        return metric not in LOWER_IS_BETTER
+    except ValueError:  # a domain metric whose domain is not imported in this process yet
+        import_domains()
+        return get_metric(metric).greater_is_better
 
 
 def summary_line(run_dir: Path) -> str:
@@ -260,7 +254,8 @@ def _comparison(report: Mapping[str, Any], baselines: Sequence[str] = ()) -> str
     others = {name: v for name, v in others.items() if not (isinstance(v, float) and math.isnan(v))}
     if not others or value is None:
         return "no baseline"
-    sign = 1.0 if _greater_is_better(metric) else -1.0
+    better = headline.get("greater_is_better")  # written by the report since 2026-12; older ones lack it
+    sign = 1.0 if (_greater_is_better(metric) if better is None else better) else -1.0
     best = max(others, key=lambda name: sign * others[name])
     verb = "beat" if sign * value > sign * others[best] else "tied" if value == others[best] else "lost to"
     return f"{verb} {best} ({_number(others[best])})"

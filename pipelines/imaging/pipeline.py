@@ -114,7 +114,9 @@ def _as_spec(adapter: Any):
     return spec_from_dict(dict(adapter))
 
 
-@register_pipeline("imaging/classification", options=ImagingOptions)
+@register_pipeline(
+    "imaging/classification", options=ImagingOptions, demo="imaging/pneumoniamnist_dinov2s_lora"
+)
 class ImagingClassificationPipeline:
     """Image classification with adapters on ViT/CNN backbones (timm, MONAI, transformers) and MONAI data."""
 

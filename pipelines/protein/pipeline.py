@@ -379,7 +379,7 @@ def _given_provenance(backbone: nn.Module) -> dict:
     return {"name": type(backbone).__name__, "source": "passed in by the caller", "weights": "not recorded"}
 
 
-@register_pipeline("protein/sequence", options=ProteinOptions)
+@register_pipeline("protein/sequence", options=ProteinOptions, demo="protein/gb1_lora")
 class SequencePipeline(_ProteinPipeline):
     """Per-sequence protein regression or classification with LoRA on ESM-2 (FLIP GB1, own CSV files)."""
 

@@ -341,5 +341,10 @@ class BaseMultispeakerPipeline:
         )
 
 
-register_pipeline("speech/speaker_adaptation", SpeakerAdaptationPipeline, options=AdaptationOptions)
+register_pipeline(
+    "speech/speaker_adaptation",
+    SpeakerAdaptationPipeline,
+    options=AdaptationOptions,
+    demo="speech/fsdd_speaker_adapter",
+)
 register_pipeline("speech/base_multispeaker", BaseMultispeakerPipeline, options=BaseOptions)

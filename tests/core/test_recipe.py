@@ -63,7 +63,7 @@ class ToyPipeline:
 def toy_pipeline(monkeypatch):
     monkeypatch.setattr(registry, "_PIPELINES", {})
     monkeypatch.setattr(registry, "_IMPORT_ERRORS", {})
-    monkeypatch.setattr(registry, "DOMAINS", {})
+    monkeypatch.setattr(registry, "_DOMAINS", {})
     registry.register_pipeline("toy/classify", ToyPipeline, options=ToyOptions)
 
 

@@ -23,7 +23,7 @@ def empty_registry(monkeypatch):
     """Each test sees an empty registry and no real domains."""
     monkeypatch.setattr(registry, "_PIPELINES", {})
     monkeypatch.setattr(registry, "_IMPORT_ERRORS", {})
-    monkeypatch.setattr(registry, "DOMAINS", {})
+    monkeypatch.setattr(registry, "_DOMAINS", {})
 
 
 def test_decorator_registers_and_create_passes_kwargs():
@@ -103,7 +103,7 @@ def test_domains_are_imported_lazily_by_prefix(tmp_path, monkeypatch):
         """,
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "DOMAINS", {"fakedomain": "fake_domain_pkg.pipeline"})
+    monkeypatch.setattr(registry, "_DOMAINS", {"fakedomain": ("fake_domain_pkg.pipeline", "peft-pipelines")})
     monkeypatch.delitem(sys.modules, "fake_domain_pkg.pipeline", raising=False)
     assert "fake_domain_pkg.pipeline" not in sys.modules
     assert create_pipeline("fakedomain/thing", value=5).value == 5
@@ -115,7 +115,9 @@ def test_broken_domain_is_skipped_by_list_but_named_by_create(tmp_path, monkeypa
     _write_domain(tmp_path, "broken_domain_pkg", "import not_a_real_module_for_tests\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(
-        registry, "DOMAINS", {"broken": "broken_domain_pkg.pipeline", "absent": "no_such_pkg.pipeline"}
+        registry,
+        "_DOMAINS",
+        {"broken": ("broken_domain_pkg.pipeline", "peft-pipelines"), "absent": ("no_such_pkg.pipeline", "x")},
     )
     register_pipeline("toy/ok", type("Ok", (), {}))
     assert list_pipelines() == ["toy/ok"]
@@ -128,3 +130,28 @@ def test_broken_domain_is_skipped_by_list_but_named_by_create(tmp_path, monkeypa
     )
     with pytest.raises(RegistryError, match="this installation has no absent domain"):
         create_pipeline("absent/anything")
+
+
+def test_a_lab_package_adds_a_domain_through_the_entry_point_group(tmp_path, monkeypatch):
+    """A lab's own installed package declares its domain the way pyproject.toml declares ours."""
+    _write_domain(
+        tmp_path,
+        "lab_domain_pkg",
+        """
+        from pipelines.core.registry import register_pipeline
+
+        @register_pipeline("lab/assay", demo="lab/assay_demo")
+        class Assay:
+            '''Our assay.'''
+        """,
+    )
+    info = tmp_path / "lab_domain_pkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lab-domain-pkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\nlab = lab_domain_pkg.pipeline\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_DOMAINS", None)  # read the entry points again
+    assert registry.domain_modules()["lab"] == ("lab_domain_pkg.pipeline", "lab-domain-pkg")
+    assert get_pipeline_class("lab/assay").__doc__ == "Our assay."
+    assert registry.demo_recipes()["lab"] == "lab/assay_demo"
+    assert "imaging" in registry.domain_modules()  # this package's own domains come the same way

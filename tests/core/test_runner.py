@@ -61,7 +61,7 @@ class FakePipeline:
 def fake_pipeline(monkeypatch):
     monkeypatch.setattr(registry, "_PIPELINES", {})
     monkeypatch.setattr(registry, "_IMPORT_ERRORS", {})
-    monkeypatch.setattr(registry, "DOMAINS", {})
+    monkeypatch.setattr(registry, "_DOMAINS", {})
     registry.register_pipeline("toy/run", FakePipeline)
     FakePipeline.calls = []
 
@@ -165,7 +165,7 @@ def test_run_demo_runs_present_recipes_and_reports_missing_ones(tmp_path, monkey
     (recipes / "toy").mkdir(parents=True)
     (recipes / "toy" / "toy_run.yaml").write_text(textwrap.dedent(RECIPE))
     monkeypatch.setattr(recipe_module, "recipes_dir", lambda: recipes)
-    monkeypatch.setattr(runner, "DEMO_RECIPES", {"toy": "toy/toy_run", "other": "other/absent"})
+    monkeypatch.setattr(registry, "demo_recipes", lambda: {"toy": "toy/toy_run", "other": "other/absent"})
     index, failures = run_demo(output_dir=tmp_path / "runs")
     assert index == tmp_path / "runs" / "demo" / "index.md"
     assert list(failures) == ["other"] and "is not in this checkout" in failures["other"]
@@ -182,7 +182,7 @@ def test_demo_index_compares_against_the_recipe_baselines_only():
 
     row = lambda v: {"mcd": {"value": v, "low": None, "high": None}}  # noqa: E731
     report = {
-        "headline": {"metric": "mcd", "model": "speaker", "value": 27.7},
+        "headline": {"metric": "mcd", "model": "speaker", "value": 27.7, "greater_is_better": False},
         "results": {"speaker": row(27.7), "lora": row(28.1), "reference": row(10.4)},
     }
     assert _comparison(report, ["lora"]) == "beat lora (28.100)"
