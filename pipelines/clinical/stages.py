@@ -118,17 +118,34 @@ def lm_data(
 
 
 def check_cached_layers(model: ClinicalModel) -> None:
-    """Raise when an adapter sits in a layer whose output is cached (the cache would be stale)."""
+    """Raise when an adapter or a trainable parameter feeds the cached prefix states (they would go stale).
+
+    Everything that runs before decoder layer ``cached_layers`` counts: the bottom layers, the token
+    embeddings and any other module outside the layers above, the final norm and the LM head. Such a
+    setting is refused rather than silently run without the cache: the cache is what makes the shipped
+    recipes fit their time budget, and none of them adapts a cached module.
+    """
     if not model.cached_layers:
         return
+    cached = model.cached_layers
+    decoder = model.decoder
+    above = [*list(decoder.layers)[cached:], decoder.norm, model.lm.get_output_embeddings()]
+    fresh = {id(module) for part in above if part is not None for module in part.modules()}
     for name, module in model.lm.named_modules():
+        if id(module) in fresh:
+            continue
+        trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not (isinstance(module, AdaptedLayer) or trainable):
+            continue
         match = _LAYER.search(name + ".")
-        if isinstance(module, AdaptedLayer) and match and int(match.group(1)) < model.cached_layers:
-            raise StageError(
-                f"adapter on '{name}' sits in layer {match.group(1)}, below backbone.options.cached_layers "
-                f"= {model.cached_layers}; target only layers >= {model.cached_layers} (e.g. with a "
-                "'re:' target) or lower cached_layers"
-            )
+        where = f"sits in layer {match.group(1)}" if match else "sits before the decoder layers"
+        adapted = isinstance(module, AdaptedLayer)
+        what = f"adapter on '{name}'" if adapted else f"trainable parameter '{name}.{trainable[0]}'"
+        raise StageError(
+            f"{what} {where}, below backbone.options.cached_layers = {cached}, so the cached states "
+            f"would go stale; adapt or train only layers >= {cached} (e.g. with a 're:' target) or lower "
+            "cached_layers (0 turns the cache off)"
+        )
 
 
 def _inner(model: Any) -> ClinicalModel:
@@ -168,7 +185,6 @@ def train_stage(
     """
     if stage.adapter is not None and stage.name not in adapter_names(model.lm):
         add_adapter(model.lm, stage.adapter, name=stage.name)
-    check_cached_layers(model)
     unknown = [n for n in stage.trainable if n not in adapter_names(model.lm)]
     if unknown:
         raise StageError(
@@ -176,6 +192,7 @@ def train_stage(
             f"(it has {adapter_names(model.lm)}); add them in an earlier stage"
         )
     set_trainable(model.lm, list(stage.trainable))
+    check_cached_layers(model)  # after set_trainable: it sees what this stage really trains
     head = stage.objective == "classification"
     model.classifier.requires_grad_(head)
     if not any(p.requires_grad for p in model.parameters()):
