@@ -38,7 +38,7 @@ from pipelines.clinical.stages import (
     train_stage,
 )
 from pipelines.core.evaluation import EvaluationReport, RunResult, evaluate
-from pipelines.core.peft import spec_from_dict
+from pipelines.core.peft import as_spec
 from pipelines.core.recipe import Recipe, pipeline_options
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult
@@ -55,12 +55,6 @@ DEFAULT_DOMAIN_ADAPTER = {
     "targets": ["q_proj", "v_proj"],
 }
 DEFAULT_TASK_ADAPTER = {"method": "lora", "r": 8, "alpha": 4, "dropout": 0.1, "targets": ["q_proj", "v_proj"]}
-
-
-def _spec(adapter: Any) -> Any:
-    if adapter is None or hasattr(adapter, "method"):
-        return adapter
-    return spec_from_dict(dict(adapter))
 
 
 def _train_config(value: Any) -> TrainConfig:
@@ -126,7 +120,7 @@ class ClinicalTwoStagePipeline:
         self.metrics, self.bootstrap, self.seed, self.progress = metrics, bootstrap, seed, progress
         if stages is None:
             stages = self._default_stages(
-                _spec(domain_adapter), _spec(task_adapter), train_domain_in_task_stage, domain_train,
+                as_spec(domain_adapter), as_spec(task_adapter), train_domain_in_task_stage, domain_train,
                 task_train, StageOptions(max_length=block_length, max_blocks=max_blocks),
                 StageOptions(max_length=max_length, pooling=pooling, class_weights=class_weights),
             )  # fmt: skip

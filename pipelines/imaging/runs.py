@@ -22,6 +22,7 @@ from pipelines.core.training import train
 from pipelines.imaging.data import build_transforms, collate, load_dataset_splits, make_dataset, subsample
 from pipelines.imaging.methods import build_classifier, default_spec, resolve_targets, score_model
 from pipelines.imaging.model import HEAD, classification_loss
+from pipelines.imaging.options import StageOptions
 
 __all__ = ["run_recipe_pipeline"]
 
@@ -90,8 +91,6 @@ class _Runner:
         self.peak = 0
 
     def stage_options(self, index: int):
-        from pipelines.imaging.pipeline import StageOptions
-
         stages = self.options.stages
         return stages[index] if index < len(stages) else StageOptions()
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -31,10 +30,10 @@ from pipelines.core.evaluation import EvaluationReport, RunResult, evaluate
 from pipelines.core.peft import (
     LoRA,
     add_adapter,
+    as_spec,
     load_adapter,
     save_adapter,
     set_trainable,
-    spec_from_dict,
 )
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult, train
@@ -44,6 +43,7 @@ from pipelines.protein.data import ProteinDataError, ProteinRecord, limit_length
 from pipelines.protein.datasets import RESIDUE_DATASETS, SEQUENCE_DATASETS, DataOptions
 from pipelines.protein.metrics import register_protein_metrics
 from pipelines.protein.model import ProteinModel
+from pipelines.protein.options import BackboneOptions, ProteinOptions, StageOptions
 
 __all__ = ["ProteinOptions", "StageOptions", "BackboneOptions", "SequencePipeline", "ResiduePipeline"]
 
@@ -54,51 +54,6 @@ DEFAULT_METRICS = {
     "multiclass": ["accuracy", "auroc", "mcc"],
 }
 HEAD = "head"
-
-
-class BackboneOptions(BaseModel):
-    """The recipe's ``backbone.options``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_residues: int | None = Field(None, ge=1, description="Residue limit of the model (default 1022).")
-    checkpoint_dir: str | None = Field(None, description="Folder with fair-esm <name>.pt files.")
-    seed: int | None = Field(None, ge=0, description="Initialisation seed of a random backbone (default 0).")
-    num_layers: int | None = Field(None, ge=1, description="Random backbone: transformer layers.")
-    embed_dim: int | None = Field(None, ge=8, description="Random backbone: embedding size.")
-    attention_heads: int | None = Field(None, ge=1, description="Random backbone: attention heads.")
-
-
-class StageOptions(BaseModel):
-    """The recipe's ``stages[i].options``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    last_n_layers: int | None = Field(None, ge=1, description="Adapt only the last N transformer layers.")
-    pooling: Literal["mean", "bos"] = Field(
-        "mean", description="Per-sequence pooling: mean or BOS/CLS token."
-    )
-    mask_probability: float = Field(0.15, gt=0, lt=1, description="masked_lm: fraction of residues masked.")
-    sequences_path: str | None = Field(
-        None, description="masked_lm: FASTA of family sequences (default: the task's training sequences)."
-    )
-
-
-class ProteinOptions(BaseModel):
-    """Options of the protein pipelines (validated from the recipe's options sections)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backbone: BackboneOptions = Field(default_factory=BackboneOptions, description="backbone.options")
-    data: DataOptions = Field(default_factory=DataOptions, description="data.options")
-    stages: list[StageOptions] = Field(default_factory=list, description="stages[i].options")
-
-
-def as_spec(adapter: Any) -> Any:
-    """An adapter spec from a spec, a dict (``{"method": "lora", ...}``) or None."""
-    if adapter is None or hasattr(adapter, "method"):
-        return adapter
-    return spec_from_dict(dict(adapter))
 
 
 class _ProteinPipeline:

@@ -17,6 +17,7 @@ from pipelines.protein.batching import MaskedLMCollator
 from pipelines.protein.data import read_fasta_records
 from pipelines.protein.datasets import load_splits, residue_classes
 from pipelines.protein.metrics import protein_bootstrap
+from pipelines.protein.options import StageOptions
 
 __all__ = ["run_protein_recipe"]
 
@@ -140,8 +141,6 @@ def run_protein_recipe(pipe: Any, run_dir: Path, resume: bool) -> RunResult:
     stage_options = options.stages if len(options.stages) == len(recipe.stages) else []
     last_result, spec = None, None
     for index, stage in enumerate(recipe.stages):
-        from pipelines.protein.pipeline import StageOptions
-
         stage_opts = stage_options[index] if stage_options else StageOptions()
         spec = pipe.resolve_spec(stage.adapter, stage_opts.last_n_layers)
         adapter_dir = run_dir / "adapters" / stage.name

@@ -33,6 +33,7 @@ from .specs import (
     LoRA,
     NormTuning,
     PromptTuning,
+    as_spec,
     spec_from_dict,
     spec_to_dict,
 )
@@ -40,7 +41,7 @@ from .specs import (
 __all__ = [
     "ADAPTER_METHODS", "IA3", "SSF", "AdaptedLayer", "AdapterSpec", "BitFit", "Bottleneck", "LoRA",
     "NormTuning", "ParameterCount", "PromptTuning", "adapter_names", "adapter_specs", "add_adapter",
-    "convert_adapter", "count_parameters", "disable_adapters", "extend_attention_mask", "is_norm",
+    "as_spec", "convert_adapter", "count_parameters", "disable_adapters", "extend_attention_mask", "is_norm",
     "load_adapter", "merge", "merge_and_unload", "remove_adapter", "save_adapter", "set_trainable",
     "spec_from_dict", "spec_to_dict", "unmerge", "unsupported_norm", "wrappers",
 ]  # fmt: skip

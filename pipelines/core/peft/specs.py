@@ -149,6 +149,13 @@ def spec_from_dict(data: dict[str, Any]) -> AdapterSpec:
     return cls(**data)
 
 
+def as_spec(adapter: AdapterSpec | dict[str, Any] | None) -> AdapterSpec | None:
+    """A spec given as a spec, a dict with a `method` key (see `spec_from_dict`) or None, as a spec."""
+    if adapter is None or hasattr(adapter, "method"):
+        return adapter
+    return spec_from_dict(dict(adapter))
+
+
 def spec_to_dict(spec: AdapterSpec) -> dict[str, Any]:
     """The JSON-safe dict of a spec, `method` included."""
     return asdict(spec)
