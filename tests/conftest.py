@@ -1,4 +1,11 @@
-"""Fixtures every test shares: one torch thread (tiny models, shared machines) and the data mirror."""
+"""Fixtures every test shares: one torch thread (tiny models, shared machines) and the data mirror.
+
+A rule of this suite: a metric's test never computes its expected value with the same formula as the
+code under test, since a wrong formula would then pass. It compares with an independent implementation
+(scikit-learn, scipy, transformers' own loss, pysptk/pyworld) or with an analytic known answer (hand
+counts, a degenerate case whose value is obvious); a bootstrap is checked against a loop written in
+the test over the same resample indices, or by what it resamples (whole proteins, blocks).
+"""
 
 from __future__ import annotations
 

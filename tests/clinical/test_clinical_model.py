@@ -8,7 +8,6 @@ import torch
 from torch.nn import functional
 
 from pipelines.clinical.backbones import BackboneError, load_backbone, smollm2_gguf_path
-from pipelines.clinical.metrics import held_out_perplexity, perplexity_from_nll
 from pipelines.clinical.model import ClinicalModel, classification_loss, predict_scores, scores_from_logits
 from pipelines.clinical.tokens import ClassificationSet, PadCollate, encode_notes, pack_blocks
 
@@ -96,18 +95,6 @@ def test_predict_scores_returns_truth_in_order(tiny):
     assert score[1] == pytest.approx(single, rel=1e-5)
 
 
-def test_perplexity_is_exp_of_the_lm_loss_on_full_blocks(tiny):
-    model = ClinicalModel(tiny.model, outputs=1)
-    blocks = torch.randint(3, 259, (5, 9), generator=torch.Generator().manual_seed(0))
-    result = held_out_perplexity(model, blocks, batch_size=2, bootstrap=200)
-    with torch.no_grad():
-        loss = model.lm_loss(blocks).item()
-    assert result["value"] == pytest.approx(math.exp(loss), rel=1e-5)
-    assert result["low"] <= result["value"] <= result["high"] and result["tokens"] == 40
-    plain = perplexity_from_nll(np.array([2.0, 4.0]), 2, bootstrap=0)
-    assert plain["value"] == pytest.approx(math.exp(1.5)) and math.isnan(plain["low"])
-
-
 def test_cached_prefix_gives_the_full_forward_pass(tiny):
     from pipelines.clinical.tokens import LMBlocks
 
@@ -130,13 +117,3 @@ def test_cached_prefix_gives_the_full_forward_pass(tiny):
         torch.testing.assert_close(
             model.lm_loss(blocks, prefix=prefix), tiny.model(blocks, labels=blocks).loss
         )
-
-
-def test_perplexity_change_is_paired_over_blocks():
-    from pipelines.clinical.metrics import perplexity_change
-
-    before = perplexity_from_nll(np.array([10.0, 20.0, 30.0, 40.0]), 10, bootstrap=0)
-    after = perplexity_from_nll(np.array([9.0, 19.0, 29.0, 39.0]), 10, bootstrap=100)
-    change = perplexity_change(before, after, bootstrap=100)
-    assert change["value"] == pytest.approx(-0.1) and change["low"] == pytest.approx(-0.1)
-    assert change["ratio"] == pytest.approx(math.exp(-0.1))
