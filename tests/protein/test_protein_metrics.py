@@ -1,5 +1,5 @@
-"""Protein metrics against scikit-learn: Q3 and per-residue AUROC on the flattened scored residues, and the
-protein-level bootstrap against a loop over whole proteins with the same seed."""
+"""Protein metrics against scikit-learn: Q3 and per-residue AUROC on the flattened scored residues, the
+masked-LM perplexity (log loss), and the protein-level bootstrap against a loop over whole proteins."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 from torch.utils.data import DataLoader
 
 from pipelines.core.evaluation import evaluate
 from pipelines.protein.backbones import load_backbone
-from pipelines.protein.batching import ProteinDataset, TaskCollator
+from pipelines.protein.batching import MaskedLMCollator, ProteinDataset, TaskCollator
 from pipelines.protein.data import IGNORE_INDEX, records_from_lists
 from pipelines.protein.metrics import protein_bootstrap, register_protein_metrics
 from pipelines.protein.model import ProteinModel
-from pipelines.protein.runs import _protein_intervals
+from pipelines.protein.runs import _masked_lm_perplexity, _protein_intervals
 
 register_protein_metrics()
 
@@ -131,3 +131,20 @@ def test_report_interval_resamples_proteins_of_the_scored_residues(residue_model
     predictions = [probabilities.argmax(1)[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
     assert interval["resamples"] == 200
     assert (interval["low"], interval["high"]) == pytest.approx(_loop_interval(truths, predictions, 200, 0))
+
+
+def test_masked_lm_perplexity_is_exp_of_sklearn_log_loss_over_every_masked_residue(residue_model):
+    model, records = residue_model(3), _records(3, seed=5)
+    collate = MaskedLMCollator(model.vocabulary, 0.15, seed=0)  # the same fixed masks, batch by batch
+    truths, probabilities = [], []
+    with torch.no_grad():
+        for start in range(0, len(records), 5):  # batches of 5, 5 and 2 with unequal masked counts
+            batch = collate(records[start : start + 5])
+            logits = model.backbone.masked_lm_logits(batch["tokens"]).double()
+            keep = batch["labels"] != IGNORE_INDEX
+            truths.append(batch["labels"][keep].numpy())
+            probabilities.append(logits.softmax(-1)[keep].numpy())
+    vocabulary = np.arange(probabilities[0].shape[1])
+    expected = np.exp(log_loss(np.concatenate(truths), np.concatenate(probabilities), labels=vocabulary))
+    got = _masked_lm_perplexity(model, records, 0.15, batch_size=5)
+    assert got == pytest.approx(expected, rel=1e-5)
