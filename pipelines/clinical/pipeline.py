@@ -166,6 +166,18 @@ class ClinicalTwoStagePipeline:
                 )
 
     @classmethod
+    def check_recipe(cls, recipe: Recipe) -> list[tuple[str, str]]:
+        """Refuse ``data.shots_per_class`` on a multilabel task (a note has several classes)."""
+        task_name = (recipe.data.options or {}).get("task_name")
+        multilabel = recipe.data.task == "multilabel" or (
+            recipe.data.dataset == "mtsamples" and task_name == "specialties_multilabel"
+        )
+        if recipe.data.shots_per_class is not None and multilabel:
+            return [("data.shots_per_class", "a multilabel note has several classes, so shots per class are "
+                     "undefined; use data.fraction or data.options.max_train")]  # fmt: skip
+        return []
+
+    @classmethod
     def from_recipe(cls, recipe: Recipe) -> ClinicalTwoStagePipeline:
         """Build the pipeline a recipe describes (its options validated by ``ClinicalOptions``)."""
         options = pipeline_options(recipe) or ClinicalOptions()

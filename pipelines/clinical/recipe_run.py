@@ -34,6 +34,7 @@ from pipelines.clinical.stages import (
 )
 from pipelines.core.evaluation import RunResult, evaluate
 from pipelines.core.peft import adapter_names, count_parameters, spec_to_dict
+from pipelines.core.sampling import low_data_indices
 
 __all__ = ["run_recipe_pipeline", "load_recipe_notes", "choose_splits"]
 
@@ -53,15 +54,14 @@ def load_recipe_notes(pipe: Any) -> Notes:
     return notes
 
 
-def _shots(indices: np.ndarray, notes: Notes, shots: int, seed: int) -> np.ndarray:
-    if notes.task == "multilabel":
+def _low_data(indices: np.ndarray, notes: Notes, fraction: float, shots: int | None, seed: int) -> np.ndarray:
+    """The core's stratified low-data draw (label sets are the classes of a multilabel task)."""
+    if shots is not None and notes.task == "multilabel":
         raise StageError(
             "data.shots_per_class is for binary and multiclass tasks; use max_train for multilabel"
         )
-    rng = np.random.default_rng(seed)
-    labels = notes.labels[indices]
-    chosen = [rng.permutation(indices[labels == k])[:shots] for k in np.unique(labels)]
-    return np.sort(np.concatenate(chosen))
+    labels = [tuple(np.atleast_1d(notes.labels[i]).tolist()) for i in indices]
+    return indices[low_data_indices(len(indices), labels, fraction, shots, seed)]
 
 
 def choose_splits(pipe: Any, notes: Notes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -72,10 +72,7 @@ def choose_splits(pipe: Any, notes: Notes) -> tuple[dict[str, np.ndarray], dict[
         if name not in full or len(full[name]) == 0:
             raise StageError(f"data.options.split gives no '{name}' notes; give it a positive fraction")
     train = full["train"]
-    if recipe.data.fraction < 1.0:
-        train = stratified_subset(train, notes, max(2, round(recipe.data.fraction * len(train))), recipe.seed)
-    if recipe.data.shots_per_class:
-        train = _shots(train, notes, recipe.data.shots_per_class, recipe.seed)
+    train = _low_data(train, notes, recipe.data.fraction, recipe.data.shots_per_class, recipe.seed)
     used = {
         "train": stratified_subset(train, notes, data.max_train, recipe.seed),
         "test": stratified_subset(full["test"], notes, data.max_test, recipe.seed),

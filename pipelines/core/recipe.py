@@ -14,7 +14,10 @@ pipeline validates them with the options model it registered::
 A pipeline reads the validated model with :func:`pipeline_options` in its ``from_recipe``. An options
 model without a ``data`` field (say) means the pipeline takes no data options; a recipe giving some is
 an error. A pipeline class may also declare ``OBJECTIVES``, ``BASELINES`` and ``DATASETS`` (tuples of
-names) to have ``stages[i].objective``, ``compare`` and ``data.dataset`` checked at validation time.
+names) to have ``stages[i].objective``, ``compare`` and ``data.dataset`` checked at validation time, and a
+``check_recipe(recipe)`` class method returning ``(yaml path, reason)`` pairs for the fields it cannot
+honour (say, ``data.shots_per_class`` on a regression task): every field is honoured or refused here,
+never silently ignored.
 """
 
 from __future__ import annotations
@@ -285,6 +288,9 @@ def check_pipeline(
             )
             errors.append(error(["compare", str(index)], message, baselines, baseline))
     errors += _metric_errors(recipe, error)
+    check = getattr(entry.cls, "check_recipe", None)
+    if check is not None and not errors:  # the pipeline's own checks may assume valid options
+        errors += [error(path.split("."), reason) for path, reason in check(recipe)]
     dataset = recipe.data.dataset
     known = getattr(entry.cls, "DATASETS", None) or list_datasets()
     if "/" not in dataset and "." not in dataset and dataset not in known:

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.core.data import DatasetInfo, dataset_file, register_dataset, sha256_file
+from pipelines.core.sampling import low_data_indices
 
 __all__ = [
     "PNEUMONIAMNIST",
@@ -192,20 +193,8 @@ def subsample(
     Returns:
         The kept records.
     """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"data.fraction must be in (0, 1], got {fraction}")
-    if fraction == 1.0 and shots_per_class is None:
-        return list(records)
-    by_class: dict[Any, list[int]] = defaultdict(list)
-    for index, record in enumerate(records):
-        by_class[_label_key(record)].append(index)
-    rng = random.Random(seed)
-    kept: list[int] = []
-    for key in sorted(by_class, key=str):
-        indices = by_class[key]
-        count = shots_per_class if shots_per_class is not None else max(1, round(fraction * len(indices)))
-        kept.extend(rng.sample(indices, min(count, len(indices))))
-    return [records[i] for i in sorted(kept)]
+    labels = [_label_key(record) for record in records]
+    return [records[i] for i in low_data_indices(len(records), labels, fraction, shots_per_class, seed)]
 
 
 def split_records(records: list[dict], val: float = 0.1, test: float = 0.2, seed: int = 0) -> dict[str, list]:

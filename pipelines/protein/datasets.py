@@ -9,6 +9,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.core.data import get_dataset, sha256_file
+from pipelines.core.sampling import low_data_indices
 from pipelines.protein.data import (
     BIND_SPLITS,
     GB1_SPLITS,
@@ -129,6 +130,8 @@ def load_splits(
     fraction: float = 1.0,
     seed: int = 0,
     records: list[ProteinRecord] | None = None,
+    shots_per_class: int | None = None,
+    stratify: bool = False,
 ) -> tuple[dict[str, list[ProteinRecord]], dict[str, Any], DataIssues]:
     """Load a dataset's records and cut them into train/valid/test.
 
@@ -138,9 +141,11 @@ def load_splits(
         options: The recipe's data options.
         level: ``sequence`` or ``residue``.
         max_residues: The residue limit (``options.max_residues`` wins when set).
-        fraction: Seeded fraction of the training split kept.
+        fraction: Seeded fraction of the training split kept (``core.sampling.low_data_indices``).
         seed: Seed of the subsampling and of the validation hold-out.
         records: Records given directly (lab code); their split field decides the split.
+        shots_per_class: Training records kept per class (per-sequence classification only).
+        stratify: Draw the fraction per class (per-sequence classification).
 
     Returns:
         ``(splits, dataset_info, issues)``; dataset_info has the name, split name, file checksums and sizes.
@@ -182,10 +187,13 @@ def load_splits(
         held = set(order[:cut].tolist())
         groups["valid"] = [r for i, r in enumerate(groups["train"]) if i in held]
         groups["train"] = [r for i, r in enumerate(groups["train"]) if i not in held]
-    if fraction < 1.0:
-        groups["train"] = _subsample(
-            groups["train"], max(2, int(round(fraction * len(groups["train"])))), seed
-        )
+    full_train = len(groups["train"])
+    if fraction < 1.0 or shots_per_class is not None:
+        train = groups["train"]
+        labels = [record.target for record in train] if stratify else None
+        groups["train"] = [
+            train[i] for i in low_data_indices(len(train), labels, fraction, shots_per_class, seed)
+        ]
     groups["train"] = _subsample(groups["train"], options.max_train, seed)
     groups["valid"] = _subsample(groups["valid"], options.max_valid, seed + 1)
     groups["test"] = _subsample(groups["test"], options.max_test, seed + 2)
@@ -200,6 +208,7 @@ def load_splits(
         "residue_limit": limit,
         "long_sequences": options.long_sequences,
         "issues": issues.as_dict(),
+        "low_data": {"fraction": fraction, "shots_per_class": shots_per_class, "full_train": full_train},
     }
     return groups, info, issues
 

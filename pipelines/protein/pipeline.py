@@ -122,6 +122,19 @@ class _ProteinPipeline:
         self.model: ProteinModel | None = None
 
     @classmethod
+    def check_recipe(cls, recipe: Any) -> list[tuple[str, str]]:
+        """Refuse ``data.shots_per_class`` where there are no per-sequence classes to count."""
+        task = recipe.data.task or ("regression" if cls.LEVEL == "sequence" else "multiclass")
+        if recipe.data.shots_per_class is None:
+            return []
+        if cls.LEVEL == "residue":
+            return [("data.shots_per_class", "per-residue labels have no per-protein class to count shots "
+                     "of; use data.fraction (a share of the training proteins)")]  # fmt: skip
+        if task == "regression":
+            return [("data.shots_per_class", "a regression task has no classes; use data.fraction")]
+        return []
+
+    @classmethod
     def from_recipe(cls, recipe: Any) -> _ProteinPipeline:
         """Build the pipeline from a validated recipe."""
         from pipelines.core.recipe import pipeline_options

@@ -128,6 +128,8 @@ def run_protein_recipe(pipe: Any, run_dir: Path, resume: bool) -> RunResult:
         backbone.max_residues,
         recipe.data.fraction,
         recipe.seed,
+        shots_per_class=recipe.data.shots_per_class,
+        stratify=pipe.task != "regression" and pipe.LEVEL == "sequence",
     )
     if pipe.LEVEL == "residue" and pipe.num_classes is None:
         pipe.num_classes = residue_classes(recipe.data.dataset, options.data)
