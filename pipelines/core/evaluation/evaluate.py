@@ -196,9 +196,13 @@ def _weights(indices: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(float)
 
 
-def _resample_values(spec: MetricSpec, y_true, y_input, indices: np.ndarray, n: int) -> np.ndarray:
+def _resample_values(
+    spec: MetricSpec, y_true, y_input, indices: np.ndarray, n: int, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """`spec` on each row of resample `indices`; `weights` is `_weights(indices, n)` when already made."""
     if spec.batched is not None:
-        return np.asarray(spec.batched(y_true, y_input, _weights(indices, n)), dtype=float)
+        weights = _weights(indices, n) if weights is None else weights
+        return np.asarray(spec.batched(y_true, y_input, weights), dtype=float)
     values = np.full(indices.shape[0], math.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -210,18 +214,28 @@ def _resample_values(spec: MetricSpec, y_true, y_input, indices: np.ndarray, n: 
     return values
 
 
+def resample_indices(n: int, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Resample indices in chunks of rows: `default_rng(seed).integers(0, n, (rows, n))`, drawn in order.
+
+    Every bootstrap here (`evaluate`, `paired_bootstrap`) draws from this, so one seed gives the same
+    resamples to every model scored on the same examples.
+    """
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_resamples, _MAX_CELLS_PER_CHUNK // max(n, 1)))
+    for start in range(0, n_resamples, chunk):
+        yield rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+
+
 def bootstrap_values(
     specs: Sequence[MetricSpec], y_true, inputs: Sequence[Any], n_resamples: int, seed: int
 ) -> list[np.ndarray]:
-    """Each metric on the same `n_resamples` resamples of the examples (numpy Generator(seed))."""
+    """Each metric on the same `n_resamples` resamples of the examples (`resample_indices`)."""
     n = len(y_true)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_resamples, _MAX_CELLS_PER_CHUNK // max(n, 1)))
     parts: list[list[np.ndarray]] = [[] for _ in specs]
-    for start in range(0, n_resamples, chunk):
-        indices = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+    for indices in resample_indices(n, n_resamples, seed):
+        weights = _weights(indices, n) if any(spec.batched for spec in specs) else None
         for part, spec, y_input in zip(parts, specs, inputs, strict=True):
-            part.append(_resample_values(spec, y_true, y_input, indices, n))
+            part.append(_resample_values(spec, y_true, y_input, indices, n, weights))
     return [np.concatenate(part) if part else np.zeros(0) for part in parts]
 
 
