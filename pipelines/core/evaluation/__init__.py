@@ -5,6 +5,8 @@ Importing this package pulls in numpy only; scikit-learn and matplotlib load whe
 
 from __future__ import annotations
 
+from pipelines.core.evaluation.comparisons import best_baseline_comparison
+from pipelines.core.evaluation.delong import DeLongResult, delong_test
 from pipelines.core.evaluation.evaluate import (
     EvaluationReport,
     MetricResult,
@@ -27,6 +29,13 @@ from pipelines.core.evaluation.metrics import (
     perplexity,
     spearman,
 )
+from pipelines.core.evaluation.paired import (
+    Comparison,
+    PairedDifference,
+    compare_models,
+    holm,
+    paired_bootstrap,
+)
 from pipelines.core.evaluation.registry import (
     DEFAULT_METRICS,
     TASKS,
@@ -47,9 +56,12 @@ from pipelines.core.evaluation.report import (
 __all__ = [
     "DEFAULT_METRICS",
     "TASKS",
+    "Comparison",
+    "DeLongResult",
     "EvaluationReport",
     "MetricResult",
     "MetricSpec",
+    "PairedDifference",
     "RunResult",
     "UndefinedMetricWarning",
     "accuracy",
@@ -57,16 +69,21 @@ __all__ = [
     "auprc",
     "auroc",
     "balanced_accuracy",
+    "best_baseline_comparison",
     "bootstrap_mean",
+    "compare_models",
     "default_metrics",
+    "delong_test",
     "evaluate",
     "f1",
     "get_metric",
+    "holm",
     "list_metrics",
     "mae",
     "mcc",
     "mse",
     "package_versions",
+    "paired_bootstrap",
     "pearson",
     "perplexity",
     "prepare_inputs",

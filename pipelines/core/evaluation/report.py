@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.core.evaluation.comparisons import run_comparisons
 from pipelines.core.evaluation.evaluate import EvaluationReport, MetricResult
 from pipelines.core.evaluation.plots import write_plots
 
 INFO_KEYS = ("backbone", "adapter", "dataset", "cost", "notes", "extra")
 REPORT_KEYS = (
-    "name", "pipeline", "task", "headline", "results", "parameters",
+    "name", "pipeline", "task", "headline", "results", "comparisons", "parameters",
     "backbone", "adapter", "dataset", "cost", "versions", "notes", "extra",
 )  # fmt: skip
 
@@ -46,11 +47,13 @@ class RunResult:
         headline_metric: The metric the report leads with, e.g. "auroc".
         primary_model: The model label the headline is about, e.g. "lora".
         results: Model label -> `EvaluationReport` (or a mapping metric -> MetricResult / dict / float).
-        predictions: Model label -> (y_true, y_score) on the test split, for the plots.
+        predictions: Model label -> (y_true, y_score) on the test split, for the plots and the paired
+            comparisons of the primary model with each baseline scored on the same examples.
         parameters: Model label -> `ParameterCount` or {"trainable", "total", "fraction"}.
         histories: Model label -> training rows ({"step", "loss"} and {"step", "val_loss"}).
         info: backbone {name, source, weights}, adapter {method, spec, file_size_bytes}, dataset {name,
-            splits, sha256}, cost {wall_time_s, peak_memory_bytes, samples_per_second}, notes [str], extra.
+            splits, sha256}, cost {wall_time_s, peak_memory_bytes, samples_per_second}, notes [str], extra
+            (its optional "reference_models" list names rows that are references, not competitors).
     """
 
     name: str
@@ -203,6 +206,7 @@ def build_report(result: RunResult) -> dict[str, Any]:
         "task": result.task,
         "headline": {"metric": result.headline_metric, "model": result.primary_model, **headline},
         "results": results,
+        "comparisons": run_comparisons(result),
         "parameters": {model: _parameter_dict(count) for model, count in result.parameters.items()},
         "backbone": dict(result.info.get("backbone") or {}),
         "adapter": dict(result.info.get("adapter") or {}),

@@ -116,6 +116,83 @@ def _evaluation_sentence(payload: Mapping[str, Any]) -> str:
     return sentence
 
 
+def _signed(value: Any) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return ("-" if value < 0 else "+") + format_number(abs(value))
+
+
+def format_p(value: Any) -> str:
+    """Two significant digits (`p = 0.11`, `p = 0.020`, `p = 0.0042`, `p = 1.0`), `p < 0.001`, `p = n/a`."""
+    if value is None or not math.isfinite(value):
+        return "p = n/a"
+    if value < 0.001:
+        return "p < 0.001"
+    return f"p = {value:#.2g}"
+
+
+def comparison_sentence(model: str, baseline: str, metric: str, row: Mapping[str, Any]) -> str:
+    """One comparison of a report's `comparisons` section as a sentence."""
+    text = f"{model} minus {baseline}: {metric} {_signed(row.get('difference'))}"
+    if row.get("low") is not None and row.get("high") is not None:
+        text += f" [{_signed(row['low'])}, {_signed(row['high'])}]"
+    if row.get("p_value") is not None:  # None: no resamples, or the metric is undefined
+        text += f", paired bootstrap {format_p(row['p_value'])}"
+        if "p_holm" in row:
+            text += f" (Holm-adjusted {format_p(row['p_holm'])})"
+    delong = row.get("delong")
+    if delong and delong.get("z") is not None:
+        text += f"; DeLong z = {delong['z']:.2f}, {format_p(delong.get('p_value'))}"
+        if "p_holm" in delong:
+            text += f" (Holm-adjusted {format_p(delong['p_holm'])})"
+    elif delong:
+        text += f"; DeLong's test is undefined ({delong.get('reason')})"
+    return text + "."
+
+
+def _comparison_lines(section: Mapping[str, Any]) -> list[str]:
+    if not section:
+        return []
+    model, baselines, results = section["model"], section.get("baselines") or [], section.get("results") or {}
+    lines = ["## Paired comparisons", ""]
+    if results:
+        if section.get("bootstrap"):
+            method = (
+                f"with 95% intervals from {section['bootstrap']} paired bootstrap resamples (seed "
+                f"{section['seed']}; both models scored on the same resampled examples) and two-sided "
+                "p-values from the centred bootstrap, `p = (1 + #{|d* - d| >= |d|}) / (1 + B)` "
+                f"(so p >= 1/{section['bootstrap'] + 1})"
+            )
+        else:
+            method = "without bootstrap resamples (no intervals or bootstrap p-values)"
+        plural = "s" if len(baselines) != 1 else ""
+        lines.append(
+            f"`{model}` against {len(baselines)} baseline{plural} on the same {section['n_examples']} test "
+            f"examples: differences are {model} minus the baseline, {method}; for a binary AUROC also "
+            "DeLong's test."
+        )
+        count = sum(len(rows) for rows in results.values())
+        if len(baselines) > 1:
+            lines.append(
+                f"{count} comparisons in all; Holm's step-down method adjusts the p-values of each metric "
+                f"over its {len(baselines)} comparisons (one per baseline)."
+            )
+        else:
+            lines.append(f"{count} comparisons against one baseline, so no Holm adjustment across baselines.")
+        lines.append("")
+        for baseline, rows in results.items():
+            lines += [f"- {comparison_sentence(model, baseline, name, row)}" for name, row in rows.items()]
+        lines.append("")
+    not_compared = {name: "a reference, not a competitor" for name in section.get("excluded") or []}
+    not_compared.update(section.get("not_compared") or {})
+    if section.get("error"):
+        lines += [f"The paired comparisons failed: {section['error'].rstrip('.')}.", ""]
+    if not_compared:
+        reasons = "; ".join(f"{name} ({reason})" for name, reason in not_compared.items())
+        lines += [f"Not compared: {reasons}.", ""]
+    return lines
+
+
 def render_markdown(payload: Mapping[str, Any], plots: list[str], created: str) -> str:
     """The report.md text for a report.json `payload`, embedding the `plots` written beside it."""
     headline = payload["headline"]
@@ -141,6 +218,7 @@ def render_markdown(payload: Mapping[str, Any], plots: list[str], created: str) 
     sentence = _evaluation_sentence(payload)
     if sentence:
         lines += [sentence, ""]
+    lines += _comparison_lines(payload.get("comparisons") or {})
     if payload["parameters"]:
         lines += ["## Parameters", "", *_parameters_table(payload["parameters"]), ""]
     for title, key in (
