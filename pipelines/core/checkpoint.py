@@ -1,57 +1,39 @@
-"""What a training run keeps in its run_dir: pickle-free checkpoints and the metrics log.
-
-Checkpoints hold tensors in safetensors files and everything else in JSON. A checkpoint directory
-(`run_dir/checkpoints/last/`) holds:
-
-- `model.safetensors`: trainable parameters, plus buffers of modules that own a trainable parameter
-  (e.g. BatchNorm statistics under norm tuning), keyed by their names in the model.
-- `best_model.safetensors`: the same for the best evaluation so far (only with early stopping).
-- `optimizer.safetensors`: optimiser state tensors as `state.<param_index>.<key>` (e.g.
-  `state.0.exp_avg`); `optimizer.json`: parameter names in index order, param groups, scalar state.
-- `rng.safetensors`: torch RNG states as uint8 tensors (`rank<r>.torch`, `rank<r>.cuda`).
-- `trainer_state.json`: step, epoch, data position, scheduler state, numpy and python RNG states,
-  early-stopping state and the metrics history.
-
-Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written `last`. `RunLog` writes `run_dir/metrics.jsonl` (and TensorBoard) and draws the progress bar.
+"""What a training run checkpoints: trainable tensors, optimiser state and RNG states, and how they
+are gathered (FSDP), saved on rank 0 and restored. The file layout is in `checkpoint_files`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
+from pipelines.core.checkpoint_files import (  # noqa: F401 - the layout is part of this module's API
+    BEST_MODEL_FILE,
+    LAST,
+    MODEL_FILE,
+    OPTIMIZER_JSON_FILE,
+    OPTIMIZER_TENSORS_FILE,
+    PREVIOUS,
+    RNG_FILE,
+    STATE_FILE,
+    Checkpoint,
+    find_checkpoints,
+    load_checkpoint,
+    previous_dir,
+    save_checkpoint,
+)
 from pipelines.core.distributed import is_main_process, is_sharded, rank, world_size
 
-MODEL_FILE = "model.safetensors"
-BEST_MODEL_FILE = "best_model.safetensors"
-OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
-OPTIMIZER_JSON_FILE = "optimizer.json"
-RNG_FILE = "rng.safetensors"
-STATE_FILE = "trainer_state.json"
-
-
-@dataclass
-class Checkpoint:
-    """The contents of a checkpoint directory, loaded into memory."""
-
-    directory: Path
-    model: dict[str, torch.Tensor]
-    best_model: dict[str, torch.Tensor] | None
-    optimizer: dict[str, Any]
-    state: dict[str, Any]
-    rng: dict[str, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -193,86 +175,6 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_checkpoint(
-    directory: Path,
-    model_state: dict[str, torch.Tensor],
-    optimizer: dict[str, Any],
-    state: dict[str, Any],
-    rng_by_rank: list[dict[str, Any] | None],
-    best_model: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Writes a checkpoint directory atomically (temporary sibling, then rename)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _save_tensors(tmp / MODEL_FILE, model_state)
-    if best_model is not None:
-        _save_tensors(tmp / BEST_MODEL_FILE, best_model)
-    tensors, scalars = {}, {}
-    for index, values in optimizer["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    _save_tensors(tmp / OPTIMIZER_TENSORS_FILE, tensors)
-    groups = [{key: _jsonable(value) for key, value in group.items()} for group in optimizer["param_groups"]]
-    _write_json(
-        tmp / OPTIMIZER_JSON_FILE,
-        {"param_names": optimizer["param_names"], "param_groups": groups, "scalar_state": scalars},
-    )
-    rng_tensors, rng_json = {}, {}
-    for process, rng in enumerate(rng_by_rank):
-        if rng is None:
-            continue
-        for key in ("torch", "cuda"):
-            if key in rng:
-                rng_tensors[f"rank{process}.{key}"] = rng[key]
-        rng_json[str(process)] = {"numpy": rng["numpy"], "python": rng["python"]}
-    _save_tensors(tmp / RNG_FILE, rng_tensors)
-    _write_json(tmp / STATE_FILE, state | {"rng": rng_json})
-    _swap_into_place(tmp, directory)
-
-
-def load_checkpoint(directory: Path) -> Checkpoint | None:
-    """Reads a checkpoint directory; returns None when there is none (refuses pickle files)."""
-    directory = Path(directory)
-    if not directory.exists():
-        backup = directory.parent / f".{directory.name}.old"
-        if not backup.exists():
-            return None
-        directory = backup
-    pickles = [p.name for p in directory.iterdir() if p.suffix in {".pt", ".pth", ".bin", ".pkl", ".ckpt"}]
-    if pickles:
-        raise ValueError(
-            f"Checkpoint {directory} contains pickle files {pickles}, which this package refuses to load; "
-            "start a new run_dir."
-        )
-    state = json.loads((directory / STATE_FILE).read_text())
-    meta = json.loads((directory / OPTIMIZER_JSON_FILE).read_text())
-    opt_state: dict[int, dict[str, Any]] = {}
-    for key, value in load_file(directory / OPTIMIZER_TENSORS_FILE).items():
-        _, index, name = key.split(".", 2)
-        opt_state.setdefault(int(index), {})[name] = value
-    for index, values in meta["scalar_state"].items():
-        opt_state.setdefault(int(index), {}).update(values)
-    groups = [
-        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
-        for group in meta["param_groups"]
-    ]
-    best = directory / BEST_MODEL_FILE
-    return Checkpoint(
-        directory=directory,
-        model=load_file(directory / MODEL_FILE),
-        best_model=load_file(best) if best.exists() else None,
-        optimizer={"state": opt_state, "param_groups": groups, "param_names": meta["param_names"]},
-        state=state,
-        rng=load_file(directory / RNG_FILE),
-    )
-
-
 def save_training_checkpoint(
     directory: Path,
     model: nn.Module,
@@ -299,6 +201,8 @@ def restore_training_checkpoint(
     loaded = load_checkpoint(directory)
     if loaded is None:
         return None
+    if loaded.damaged:
+        _set_aside(loaded)
     if loaded.state["world_size"] != world_size():
         raise ValueError(
             f"Checkpoint {loaded.directory} was written by {loaded.state['world_size']} process(es) but this "
@@ -313,6 +217,27 @@ def restore_training_checkpoint(
     return loaded
 
 
+def _set_aside(loaded: Checkpoint) -> None:
+    """Says that a damaged checkpoint was passed over and moves it to `.<name>.damaged` (rank 0 only).
+
+    Moved, because the next save turns the current `last` into `previous`: a damaged one left in
+    place would push out the good checkpoint this run resumed from.
+    """
+    path, reason = loaded.damaged[0]
+    step = loaded.state["progress"].get("step")
+    moved = ""
+    if is_main_process():
+        aside = path.parent.with_name(f".{path.parent.name}.damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process may have moved it already
+            os.replace(path.parent, aside)
+            moved = f" (moved to {aside})"
+    logger.warning(
+        "checkpoint file %s is damaged (%s)%s; resuming from the previous checkpoint %s (step %s)",
+        path, reason, moved, loaded.directory, step,
+    )  # fmt: skip
+
+
 def rng_for_rank(checkpoint: Checkpoint, rank: int) -> dict[str, Any] | None:
     """Returns the RNG states saved for `rank`, or None when the checkpoint has none for it."""
     saved = checkpoint.state.get("rng", {}).get(str(rank))
@@ -322,92 +247,3 @@ def rng_for_rank(checkpoint: Checkpoint, rank: int) -> dict[str, Any] | None:
     if f"rank{rank}.cuda" in checkpoint.rng:
         state["cuda"] = checkpoint.rng[f"rank{rank}.cuda"]
     return state
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    # Clones break storage sharing (tied weights), which safetensors refuses.
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
-    _fsync(path)
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=1))
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"Optimiser setting of type {type(value).__name__} cannot be written to optimizer.json.")
-
-
-def _swap_into_place(tmp: Path, directory: Path) -> None:
-    # rename() cannot replace a non-empty directory, so the old one steps aside first; load_checkpoint
-    # falls back to the `.old` copy if a crash lands between the two renames.
-    backup = directory.parent / f".{directory.name}.old"
-    shutil.rmtree(backup, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, backup)
-    os.replace(tmp, directory)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-class RunLog:
-    """metrics.jsonl rows (appended to progress.history), optional TensorBoard and the tqdm bar."""
-
-    def __init__(self, run_dir: Path | None, state: Any, tensorboard: bool, show: bool, total: int):
-        self.state = state
-        main = is_main_process()
-        self.path = run_dir / "metrics.jsonl" if run_dir is not None and main else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # The checkpoint's history is the truth: rows logged after it (before a crash) are dropped.
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in state.history))
-        self.writer = None
-        if tensorboard and main and run_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise ImportError(
-                    "tensorboard: true needs the tensorboard package; pip install tensorboard "
-                    "or set tensorboard: false."
-                ) from error
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.bar = tqdm(
-            total=total,
-            initial=state.step,
-            disable=not (show and main),
-            unit="step",
-            desc="train",
-            dynamic_ncols=True,
-        )
-
-    def step(self, loss: float, lr: float) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
-
-    def row(self, row: dict[str, Any]) -> None:
-        self.state.history.append(row)
-        if self.path is not None:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key not in {"step", "epoch"}:
-                    self.writer.add_scalar(
-                        key if key.startswith("val_") else f"train_{key}", value, row["step"]
-                    )
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()

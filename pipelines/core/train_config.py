@@ -73,12 +73,16 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
 
 
-class TrainingInterrupted(RuntimeError):
-    """Ctrl-C stopped training; a checkpoint was written and the message says how to resume."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; a checkpoint was written and the message says how to resume.
 
-    def __init__(self, message: str, step: int, checkpoint: Path | None):
+    A KeyboardInterrupt, so that a caller's `except Exception` (a demo that goes on to the next domain,
+    a pipeline that reports a failed baseline) does not swallow the user's Ctrl-C.
+    """
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None, total_steps: int | None = None):
         super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.total_steps = step, checkpoint, total_steps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,3 +91,7 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, step: int, loss: float, checkpoint: Path | None):
         super().__init__(message)
         self.step, self.loss, self.checkpoint = step, loss, checkpoint
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written (disk full) or read (damaged files); the message names the path."""

@@ -7,7 +7,6 @@ safetensors checkpoints with exact resume, Ctrl-C and NaN handling, and DDP/FSDP
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -19,16 +18,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipelines.core import checkpoint as ckpt
 from pipelines.core import distributed as D
 from pipelines.core.optim import build_optimizer, build_scheduler, lr_factor
-from pipelines.core.train_config import NonFiniteLossError, TrainConfig, TrainingInterrupted, TrainResult
+from pipelines.core.run_log import RunLog
+from pipelines.core.train_config import (
+    CheckpointError,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainingInterrupted,
+    TrainResult,
+)
+from pipelines.core.training_eval import autocast, evaluate_and_track
 
 __all__ = [
-    "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainingInterrupted", "build_optimizer",
-    "build_scheduler", "lr_factor", "train",
+    "CheckpointError", "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainingInterrupted",
+    "build_optimizer", "build_scheduler", "lr_factor", "train",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -117,7 +124,8 @@ def train(
         val_data: evaluated with loss_fn (metric "loss") when evaluate_fn is None.
         evaluate_fn: evaluate_fn(model) -> dict of metrics; called on every process.
         run_dir: where metrics.jsonl and checkpoints/last go; None writes nothing.
-        resume: continue from run_dir/checkpoints/last (starts fresh when there is none).
+        resume: continue from run_dir/checkpoints/last, or from checkpoints/previous when last is damaged
+            (starts fresh when there is none).
         collate_fn: passed to the DataLoaders the loop builds.
         seed: seeds torch, numpy, python random and the data order.
         progress: show a tqdm bar (rank 0 only).
@@ -125,6 +133,7 @@ def train(
     Raises:
         TrainingInterrupted: on Ctrl-C, after writing a checkpoint.
         NonFiniteLossError: on a NaN or infinite loss, keeping the last good checkpoint.
+        CheckpointError: the disk filled up while checkpointing, or every checkpoint to resume is damaged.
     """
     config = config or TrainConfig()
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -143,7 +152,7 @@ def train(
     _prepare(run)
     if resume:
         _resume(run)
-    log = ckpt.RunLog(run_dir, run.progress, config.tensorboard, progress, run.total_steps)
+    log = RunLog(run_dir, run.progress, config.tensorboard, progress, run.total_steps)
     was_training = model.training
     model.train()
     try:
@@ -205,7 +214,7 @@ def _windows(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield window
 
 
-def _loop(run: _Run, log: ckpt.RunLog) -> None:
+def _loop(run: _Run, log: RunLog) -> None:
     state, config = run.progress, run.config
     run.rng_at_boundary = ckpt.capture_rng(run.device)
     started = time.perf_counter()
@@ -232,7 +241,7 @@ def _loop(run: _Run, log: ckpt.RunLog) -> None:
         state.batch_in_epoch = 0
 
 
-def _after_step(run: _Run, log: ckpt.RunLog, loss: float, grad_norm: float | None, lr: float) -> None:
+def _after_step(run: _Run, log: RunLog, loss: float, grad_norm: float | None, lr: float) -> None:
     """Logs, evaluates (tracking early stopping) and checkpoints after optimiser step `progress.step`."""
     config, state = run.config, run.progress
     last = state.step >= run.total_steps
@@ -245,7 +254,7 @@ def _after_step(run: _Run, log: ckpt.RunLog, loss: float, grad_norm: float | Non
     epoch_ends = run.batches_per_epoch is not None and state.batch_in_epoch >= run.batches_per_epoch
     due = state.step % config.eval_every == 0 if config.eval_every else epoch_ends
     if (run.val_data is not None or run.evaluate_fn is not None) and (due or last):
-        _evaluate_and_track(run, log)
+        evaluate_and_track(run, log, _epoch_float(run))
     if run.checkpoint_dir and config.checkpoint_every and state.step % config.checkpoint_every == 0:
         _save(run)
 
@@ -263,7 +272,7 @@ def _optimizer_step(run: _Run, window: list[Any]) -> tuple[float, float | None]:
     ddp = isinstance(run.wrapped, nn.parallel.DistributedDataParallel)
     for index, batch in enumerate(window):
         with D.gradient_sync(run.wrapped if ddp else run.model, sync=index == len(window) - 1):
-            with _autocast(run):
+            with autocast(run):
                 loss = run.wrapped(D.move_to_device(batch, run.device))
             if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
                 shape = tuple(getattr(loss, "shape", ()))
@@ -285,71 +294,6 @@ def _optimizer_step(run: _Run, window: list[Any]) -> tuple[float, float | None]:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return value, grad_norm
-
-
-def _autocast(run: _Run) -> contextlib.AbstractContextManager:
-    if run.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=run.device.type, dtype=run.amp_dtype)
-
-
-def _evaluate_and_track(run: _Run, log: ckpt.RunLog) -> None:
-    config, state = run.config, run.progress
-    metrics = _evaluate(run)
-    log.row({"step": state.step, "epoch": _epoch_float(run)} | {f"val_{k}": v for k, v in metrics.items()})
-    name = config.early_stopping_metric
-    if name not in metrics:
-        if config.early_stopping_patience is None:
-            return
-        raise ValueError(f"early_stopping_metric {name!r} is not among the evaluation metrics "
-                         f"{sorted(metrics)}; set it to one of them.")  # fmt: skip
-    value, best = metrics[name], state.best_metric
-    sign = 1.0 if config.early_stopping_mode == "min" else -1.0
-    if best is None or sign * (best - value) > config.early_stopping_min_delta:
-        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-        if config.early_stopping_patience is not None:
-            run.best_state = ckpt.trainable_state(run.model)
-        return
-    state.bad_evals += 1
-    if config.early_stopping_patience is not None and state.bad_evals >= config.early_stopping_patience:
-        state.stopped_early = True
-
-
-def _evaluate(run: _Run) -> dict[str, float]:
-    """Returns rank 0's metrics on every rank; the training RNG streams are left untouched."""
-    target = run.model
-    target.eval()
-    saved_rng = ckpt.capture_rng(run.device)
-    try:
-        if run.evaluate_fn is not None:
-            metrics = {key: float(value) for key, value in run.evaluate_fn(target).items()}
-        else:
-            metrics = {"loss": _validation_loss(run, target)}
-    finally:
-        ckpt.restore_rng(saved_rng, run.device)
-        target.train()
-    return D.broadcast_from_main(metrics)
-
-
-@torch.no_grad()
-def _validation_loss(run: _Run, model: nn.Module) -> float:
-    """Returns the sample-weighted mean of loss_fn over val_data (sharded across DDP processes)."""
-    val_data = run.val_data
-    if not isinstance(val_data, DataLoader):
-        # FSDP forwards are collective, so every rank must run the same batches: no sharding there.
-        indices = range(len(val_data)) if D.is_sharded(run.model) else D.shard_indices(len(val_data))
-        val_data = DataLoader(
-            Subset(val_data, indices), batch_size=run.config.batch_size, collate_fn=run.collate_fn
-        )
-    total, count = 0.0, 0
-    for batch in val_data:
-        with _autocast(run):
-            loss = run.loss_fn(model, D.move_to_device(batch, run.device))
-        total += float(loss) * D.batch_size_of(batch)
-        count += D.batch_size_of(batch)
-    sums = torch.tensor([total, count], dtype=torch.float64, device=run.device)
-    total, count = D.all_reduce_sum(sums).tolist()
-    return total / max(count, 1)
 
 
 def _save(run: _Run) -> None:
@@ -382,7 +326,7 @@ def _interrupted(run: _Run) -> TrainingInterrupted:
             )
         where = f"checkpoint written to {directory}"
     message = f"Training interrupted after step {step}/{run.total_steps}; {where}. Resume with {RESUME_HINT}."
-    return TrainingInterrupted(message, step, directory)
+    return TrainingInterrupted(message, step, directory, run.total_steps)
 
 
 def _non_finite(run: _Run, what: str, value: float) -> NonFiniteLossError:
@@ -400,8 +344,8 @@ def _non_finite(run: _Run, what: str, value: float) -> NonFiniteLossError:
 def _resume(run: _Run) -> None:
     loaded = ckpt.restore_training_checkpoint(run.checkpoint_dir, run.model, run.optimizer, run.scheduler,
                                               run.device)  # fmt: skip
-    if loaded is None:
-        logger.warning("resume: no checkpoint at %s, starting from step 0.", run.checkpoint_dir)
+    if loaded is None:  # a stage the interrupted run had not reached yet
+        logger.info("resume: no checkpoint at %s yet, this training starts at step 0", run.checkpoint_dir)
         return
     run.progress = _Progress(**loaded.state["progress"])
     run.best_state = loaded.best_model
