@@ -1,13 +1,13 @@
 """Run a recipe end to end (seed, run directory, pipeline, report) and index the demo runs.
 
 A run lives in ``<output_dir>/<recipe name>/<timestamp>/`` and holds the resolved ``recipe.yaml``,
-whatever the pipeline writes (checkpoints, ``metrics.jsonl``, ``adapters/<name>/``) and the report
-(``report.json``, ``report.md``, plots). Only the main process (rank 0) writes the run's own files.
+``run.json`` (the recipe's hash, which a resume checks), whatever the pipeline writes (checkpoints,
+``metrics.jsonl``, ``adapters/<name>/``) and the report (``report.json``, ``report.md``, plots). Only
+the main process (rank 0) writes the run's own files.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
@@ -28,6 +28,7 @@ from pipelines.core.recipe import (
     save_recipe,
 )
 from pipelines.core.recipe_yaml import RecipeValidationError
+from pipelines.core.run_folder import RUN_FILE, RunError, new_run_dir, resumable_run_dir, write_run_file
 
 __all__ = [
     "RunError",
@@ -39,12 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_TIMESTAMP = "%Y%m%d-%H%M%S"
-
-
-class RunError(RuntimeError):
-    """A run cannot start or resume (e.g. ``--resume`` with no earlier run)."""
 
 
 def _is_main_process() -> bool:
@@ -72,28 +67,31 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def _choose_run_dir(root: Path, resume: bool) -> Path:
-    if resume:
-        earlier = sorted(p for p in root.glob("*") if (p / "recipe.yaml").is_file()) if root.is_dir() else []
-        if not earlier:
-            raise RunError(f"there is no earlier run in {root} to resume; run the recipe without --resume")
-        return earlier[-1]
-    stamp = datetime.datetime.now().strftime(_TIMESTAMP)
-    run_dir, suffix = root / stamp, 1
-    while run_dir.exists():  # two runs started within one second
-        run_dir, suffix = root / f"{stamp}-{suffix}", suffix + 1
-    return run_dir
+def _choose_run_dir(root: Path, recipe: Recipe, resume: bool) -> Path:
+    if not resume:
+        return new_run_dir(root)
+    return resumable_run_dir(root, recipe.model_dump(mode="json"), str(recipe.source or recipe.name))
 
 
-def _shared_run_dir(root: Path, resume: bool) -> Path:
-    """Pick the run directory on rank 0 and give every process the same one."""
+def _shared_run_dir(root: Path, recipe: Recipe, resume: bool) -> Path:
+    """Pick the run directory on rank 0 and give every process the same one, or the same error."""
     try:
         from pipelines.core import distributed
     except ImportError:
-        return _choose_run_dir(root, resume)
+        return _choose_run_dir(root, recipe, resume)
     distributed.setup_distributed()
-    run_dir = _choose_run_dir(root, resume) if distributed.is_main_process() else None
-    return Path(distributed.broadcast_from_main(run_dir) if distributed.is_distributed() else run_dir)
+    if not distributed.is_distributed():
+        return _choose_run_dir(root, recipe, resume)
+    chosen: tuple[str, str] | None = None
+    if distributed.is_main_process():
+        try:
+            chosen = ("run_dir", str(_choose_run_dir(root, recipe, resume)))
+        except RunError as error:  # raised on every rank, so none waits for rank 0
+            chosen = ("error", str(error))
+    kind, value = distributed.broadcast_from_main(chosen)
+    if kind == "error":
+        raise RunError(value)
+    return Path(value)
 
 
 def _resolve(recipe: Recipe | str | Path, overrides: Sequence[str]) -> Recipe:
@@ -120,7 +118,8 @@ def run_recipe(
     Args:
         recipe: A Recipe, a recipe file or a shipped recipe name (``imaging/pneumoniamnist_dinov2s_lora``).
         overrides: ``dotted.key=value`` items, e.g. ``["stages.0.train.lr=1e-4"]``.
-        resume: Continue the newest run of this recipe from its checkpoints.
+        resume: Continue the newest run of this recipe that has a checkpoint; refused when that run was
+            started with another recipe (see ``run_folder.RESUMABLE_FIELDS`` for what may change).
         output_dir: Replaces the recipe's ``output_dir``.
 
     Returns:
@@ -132,7 +131,7 @@ def run_recipe(
     if output_dir is not None:
         recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
     seed_everything(recipe.seed)
-    run_dir = _shared_run_dir(Path(recipe.output_dir) / recipe.name, resume)
+    run_dir = _shared_run_dir(Path(recipe.output_dir) / recipe.name, recipe, resume)
     if _is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         previous = run_dir / "recipe.yaml"
@@ -145,6 +144,8 @@ def run_recipe(
                     "the recipe changed since the run started; the old one is recipe.previous.yaml"
                 )
         save_recipe(recipe, run_dir / "recipe.yaml")
+        if not (run_dir / RUN_FILE).is_file():  # a resume keeps the hash the run started with
+            write_run_file(run_dir, recipe.model_dump(mode="json"))
     logger.info("run directory: %s", run_dir)
     pipeline = get_pipeline_class(recipe.pipeline).from_recipe(recipe)
     result = pipeline.run(run_dir, resume=resume)

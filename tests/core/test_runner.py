@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import shutil
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -28,10 +32,11 @@ compare: [linear_probe]
 
 
 class FakePipeline:
-    """Returns a fixed result and records how it was called."""
+    """Returns a fixed result and records how it was called; writes a checkpoint as the loop would."""
 
     DATASETS = ("toy",)
     calls: list = []
+    fail_before_checkpoint = False  # a failed attempt: the run folder exists, no checkpoint in it
 
     def __init__(self, recipe):
         self.recipe = recipe
@@ -42,6 +47,12 @@ class FakePipeline:
 
     def run(self, run_dir, resume=False):
         FakePipeline.calls.append({"run_dir": run_dir, "resume": resume, "draw": random.random()})
+        if FakePipeline.fail_before_checkpoint:
+            raise ValueError("the data folder is missing")
+        if run_dir.exists():  # rank 0 only, as the training loop
+            checkpoint = run_dir / "stages" / "task" / "checkpoints" / "last"
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            (checkpoint / "trainer_state.json").write_text(json.dumps({"progress": {"step": 3}}))
         return RunResult(
             name=self.recipe.name,
             pipeline=self.recipe.pipeline,
@@ -64,6 +75,7 @@ def fake_pipeline(monkeypatch):
     monkeypatch.setattr(registry, "_DOMAINS", {})
     registry.register_pipeline("toy/run", FakePipeline)
     FakePipeline.calls = []
+    FakePipeline.fail_before_checkpoint = False
 
 
 @pytest.fixture
@@ -93,13 +105,109 @@ def test_runs_are_seeded_and_get_their_own_directories(recipe_file, tmp_path):
 
 
 def test_resume_reuses_the_newest_run(recipe_file, tmp_path):
-    with pytest.raises(RunError, match=f"no earlier run in {tmp_path / 'toy_run'} to resume"):
-        run_recipe(recipe_file, resume=True, output_dir=tmp_path)
     run_dir = run_recipe(recipe_file, output_dir=tmp_path)
     assert run_recipe(recipe_file, ["stages.0.train.epochs=2"], resume=True, output_dir=tmp_path) == run_dir
     assert FakePipeline.calls[-1]["resume"] is True
     assert yaml.safe_load((run_dir / "recipe.previous.yaml").read_text())["stages"][0]["train"]["epochs"] == 1
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["stages"][0]["train"]["epochs"] == 2
+
+
+def test_resume_takes_the_newest_run_with_a_checkpoint_and_says_which(recipe_file, tmp_path, caplog):
+    root = tmp_path / "toy_run"
+    with pytest.raises(RunError) as error:
+        run_recipe(recipe_file, resume=True, output_dir=tmp_path)
+    assert str(error.value) == f"no run of toy_run in {root} has a checkpoint to resume; run without --resume"
+    good = run_recipe(recipe_file, output_dir=tmp_path)
+    FakePipeline.fail_before_checkpoint = True
+    for _ in range(2):  # two failed attempts after it, each with a newer run folder and no checkpoint
+        with pytest.raises(ValueError, match="the data folder is missing"):
+            run_recipe(recipe_file, output_dir=tmp_path)
+    failed = sorted(p for p in root.iterdir() if p != good)
+    assert len(failed) == 2 and all(p.name > good.name for p in failed)
+    FakePipeline.fail_before_checkpoint = False
+    with caplog.at_level(logging.INFO, logger="pipelines.core.run_folder"):
+        assert run_recipe(recipe_file, resume=True, output_dir=tmp_path) == good
+    assert FakePipeline.calls[-1] == {"run_dir": good, "resume": True, "draw": FakePipeline.calls[-1]["draw"]}
+    checkpoint = good / "stages" / "task" / "checkpoints" / "last"
+    assert (
+        f"resuming {good} from its checkpoint {checkpoint} (step 3); passed over 2 newer run(s) without one"
+        in [record.getMessage() for record in caplog.records]
+    )
+    for folder in failed:
+        shutil.rmtree(folder / "stages", ignore_errors=True)
+    shutil.rmtree(good / "stages")
+    with pytest.raises(RunError, match="no run of toy_run in .* has a checkpoint to resume"):
+        run_recipe(recipe_file, resume=True, output_dir=tmp_path)
+
+
+def files_of(folder):
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+    }
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["run.json", "run before run.json"])
+def test_resume_with_another_recipe_of_the_same_name_is_refused_and_changes_nothing(tmp_path, legacy):
+    first = tmp_path / "first.yaml"
+    first.write_text(RECIPE)
+    run_dir = run_recipe(first, output_dir=tmp_path / "runs")
+    saved = json.loads((run_dir / "run.json").read_text())
+    assert saved["name"] == "toy_run" and len(saved["recipe_sha256"]) == 64
+    if legacy:
+        (run_dir / "run.json").unlink()
+    other = tmp_path / "other.yaml"
+    other.write_text(RECIPE.replace("r: 2", "r: 4").replace("bootstrap: 0", "bootstrap: 10"))
+    before = files_of(run_dir)
+    with pytest.raises(RunError) as error:
+        run_recipe(other, resume=True, output_dir=tmp_path / "runs")
+    assert str(error.value) == (
+        f"{other} is not the recipe {run_dir} was started with (it differs in stages.0.adapter.r, "
+        "evaluation.bootstrap); resume it with that recipe (only output_dir, description and each stage's "
+        "epochs, max_steps, checkpoint_every, eval_every, log_every, num_workers, tensorboard may change) "
+        "or run without --resume"
+    )
+    assert files_of(run_dir) == before
+    assert len(FakePipeline.calls) == 1
+    # the fields a resume may change do not count, and a copy of the same recipe under another file does
+    allowed = ["stages.0.train.max_steps=9", "stages.0.train.checkpoint_every=3", "description=longer"]
+    twin = tmp_path / "twin.yaml"
+    twin.write_text(RECIPE)
+    assert run_recipe(twin, allowed, resume=True, output_dir=tmp_path / "runs") == run_dir
+    assert json.loads((run_dir / "run.json").read_text())["recipe_sha256"] == saved["recipe_sha256"]
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["stages"][0]["train"]["max_steps"] == 9
+
+
+def test_recipe_hash_leaves_out_only_the_resumable_fields():
+    from pipelines.core.run_folder import RESUMABLE_FIELDS, recipe_hash
+
+    base = load_recipe_data()
+    train = ["max_steps=7", "epochs=3", "eval_every=2", "log_every=1", "num_workers=2", "tensorboard=true",
+             "checkpoint_every=5"]  # fmt: skip
+    same = load_recipe_data(["output_dir=else", "description=x", *(f"stages.0.train.{t}" for t in train)])
+    assert recipe_hash(same) == recipe_hash(base)
+    assert len(RESUMABLE_FIELDS) == 9
+    for change in ["seed=1", "stages.0.train.lr=0.5", "stages.0.train.batch_size=2", "data.fraction=0.5",
+                   "stages.0.train.precision=fp32", "compare=[]", "stages.0.adapter.alpha=4"]:  # fmt: skip
+        assert recipe_hash(load_recipe_data([change])) != recipe_hash(base), change
+
+
+def load_recipe_data(overrides=()):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "toy_run.yaml"
+        path.write_text(RECIPE)
+        return load_recipe(path, list(overrides)).model_dump(mode="json")
+
+
+def test_under_torchrun_every_rank_gets_rank_0s_refusal(recipe_file, tmp_path, monkeypatch):
+    from pipelines.core import distributed
+
+    monkeypatch.setattr(distributed, "setup_distributed", lambda: None)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    monkeypatch.setattr(distributed, "broadcast_from_main", lambda obj: ("error", "no run of toy_run ..."))
+    with pytest.raises(RunError, match=r"^no run of toy_run \.\.\.$"):
+        run_recipe(recipe_file, resume=True, output_dir=tmp_path)
 
 
 def test_only_the_main_process_writes(recipe_file, tmp_path, monkeypatch):
@@ -175,6 +283,25 @@ def test_run_demo_runs_present_recipes_and_reports_missing_ones(tmp_path, monkey
     )
     with pytest.raises(ValueError, match="no demo for domain 'nope'; choose from toy, other"):
         run_demo(["nope"], output_dir=tmp_path)
+
+
+def test_ctrl_c_in_a_demo_stops_the_demo_instead_of_moving_to_the_next_domain(tmp_path, monkeypatch):
+    from pipelines.core.training import TrainingInterrupted
+
+    recipes = tmp_path / "recipes"
+    (recipes / "toy").mkdir(parents=True)
+    (recipes / "toy" / "toy_run.yaml").write_text(RECIPE)
+    monkeypatch.setattr(recipe_module, "recipes_dir", lambda: recipes)
+    monkeypatch.setattr(registry, "demo_recipes", lambda: {"toy": "toy/toy_run", "again": "toy/toy_run"})
+
+    def interrupted(self, run_dir, resume=False):
+        FakePipeline.calls.append(run_dir)
+        raise TrainingInterrupted("Training interrupted after step 1/4", 1, run_dir / "checkpoints", 4)
+
+    monkeypatch.setattr(FakePipeline, "run", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        run_demo(output_dir=tmp_path / "runs")
+    assert len(FakePipeline.calls) == 1
 
 
 def test_demo_index_compares_against_the_recipe_baselines_only():
