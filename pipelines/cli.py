@@ -12,11 +12,15 @@ import argparse
 import json
 import logging
 import math
+import os
+import shlex
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pipelines.cli_cp import cmd_cp
 
 PROG = "peft-pipelines"
 _KINDS = ("pipelines", "recipes", "datasets")
@@ -207,21 +211,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_cp(args: argparse.Namespace) -> int:
-    from pipelines.core.recipe import find_recipe
-
-    source = find_recipe(args.recipe)
-    dest = Path(args.dest) if args.dest else Path.cwd()
-    if dest.is_dir() or args.dest is None or str(args.dest).endswith(("/", "\\")):
-        dest = dest / source.name
-    if dest.exists() and not args.force:
-        raise FileExistsError(f"{dest} exists; pass --force to overwrite it or choose another destination")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
-    print(f"copied {source} to {dest}; edit it, then `{PROG} run {dest}`")
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.core.runner import run_demo
 
@@ -304,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     copy.add_argument("recipe", help="shipped name, e.g. imaging/pneumoniamnist_dinov2s_lora")
     copy.add_argument("dest", nargs="?", help="file or folder (default: the current folder)")
     copy.add_argument("--force", action="store_true", help="overwrite an existing file")
-    copy.set_defaults(handler=_cmd_cp)
+    copy.set_defaults(handler=cmd_cp)
 
     demo = commands.add_parser(
         "demo", parents=[debug], help="run the demo recipes", description="Run each domain's demo recipe."
@@ -337,26 +326,59 @@ def _handled() -> tuple[type[BaseException], ...]:
     from pipelines.core.data import DataError
     from pipelines.core.registry import RegistryError
     from pipelines.core.runner import RunError
+    from pipelines.core.train_config import CheckpointError, NonFiniteLossError
 
-    return (DataError, RegistryError, RunError, OSError, ValueError, pydantic.ValidationError)
+    return (
+        DataError, RegistryError, RunError, CheckpointError, NonFiniteLossError, OSError, ValueError,
+        pydantic.ValidationError,
+    )  # fmt: skip
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parses the command line; `run` takes its options anywhere, and every KEY=VALUE is an override."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":  # argparse stops filling `overrides` at the first option after them
+        args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
+        extra = [item for item in extra if not ("=" in item and not item.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _interrupted(args: argparse.Namespace, error: BaseException) -> str:
+    """The one line after Ctrl-C: where the checkpoint is and the command that continues the run."""
+    from pipelines.core.train_config import TrainingInterrupted
+
+    again, fresh = f"{PROG} run RECIPE --resume", f"{PROG} run RECIPE"
+    if args.command == "run":  # the same overrides and output folder, so --resume finds the run
+        fresh = again = shlex.join([PROG, "run", args.recipe, *args.overrides])
+        again += " --resume"
+        where = f" --output-dir {shlex.quote(args.output_dir)}" if args.output_dir else ""
+        again, fresh = again + where, fresh + where
+    if not isinstance(error, TrainingInterrupted):
+        return f"{PROG}: interrupted; continue from the last checkpoint with `{again}`"
+    step = f"{error.step}/{error.total_steps}" if error.total_steps else str(error.step)
+    if error.checkpoint is None:
+        return (
+            f"{PROG}: interrupted after step {step}; no checkpoint was written, so start again with `{fresh}`"
+        )
+    return f"{PROG}: interrupted after step {step}; checkpoint: {error.checkpoint}; continue with `{again}`"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 invalid recipe or usage, 130 ^C)."""
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     debug = getattr(args, "debug", False)
     if args.command in ("run", "demo"):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.handler(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:  # the training loop's TrainingInterrupted is one too
         if debug:
             raise
-        again = f"{PROG} run RECIPE --resume"
-        if args.command == "run":  # the same overrides and output folder, so --resume finds the run
-            again = " ".join([PROG, "run", args.recipe, *args.overrides, "--resume"])
-            again += f" --output-dir {args.output_dir}" if args.output_dir else ""
-        print(f"{PROG}: interrupted; continue from the last checkpoint with `{again}`", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets the ^C; one says so
+            print(_interrupted(args, error), file=sys.stderr)
         return 130
     except Exception as error:
         if debug or not isinstance(error, _handled()):

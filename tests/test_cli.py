@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,8 +101,6 @@ def test_list_shows_pipelines_and_recipes(capsys):
 def test_cp_copies_a_shipped_recipe_and_refuses_to_overwrite(tmp_path, capsys):
     assert cli.main(["cp", "toy/toy_cli"]) == 0
     assert (tmp_path / "toy_cli.yaml").read_text() == RECIPE
-    assert cli.main(["cp", "toy/toy_cli", "mine.yaml"]) == 0
-    assert (tmp_path / "mine.yaml").read_text() == RECIPE
     capsys.readouterr()
     assert cli.main(["cp", "toy/toy_cli"]) == 1
     assert capsys.readouterr().err == (
@@ -109,6 +108,64 @@ def test_cp_copies_a_shipped_recipe_and_refuses_to_overwrite(tmp_path, capsys):
         "or choose another destination\n"
     )
     assert cli.main(["cp", "toy/toy_cli", "--force"]) == 0
+
+
+COMMENTED = """\
+# A shipped recipe with comments, which a copy keeps.
+name: toy_cli   # the run folder's name
+pipeline: toy/cli
+description: "name: is not this line"
+backbone: {name: tiny}
+data: {dataset: toy, task: binary}
+stages:
+  - {name: task, objective: classification, adapter: {method: lora, r: 2, targets: [fc]}}
+output_dir: results
+"""
+
+
+def test_cp_names_the_copy_after_its_file_and_keeps_the_rest(tmp_path, capsys):
+    (tmp_path / "recipes" / "toy" / "toy_cli.yaml").write_text(COMMENTED)
+    assert cli.main(["cp", "toy/toy_cli", "edits/my-lr.sweep.yaml"]) == 0
+    copy = tmp_path / "edits" / "my-lr.sweep.yaml"
+    assert copy.read_text() == COMMENTED.replace("name: toy_cli   #", "name: my-lr.sweep   #")
+    assert capsys.readouterr().out == (
+        f"copied {tmp_path / 'recipes' / 'toy' / 'toy_cli.yaml'} to {Path('edits/my-lr.sweep.yaml')} with "
+        "name: my-lr.sweep (was toy_cli), so its runs go to results/my-lr.sweep/; edit it, then "
+        "`peft-pipelines run edits/my-lr.sweep.yaml`\n"
+    )
+    assert recipe_module.load_recipe(copy).name == "my-lr.sweep"
+    assert cli.main(["cp", "toy/toy_cli", "my copy.yaml"]) == 1
+    assert capsys.readouterr().err == (
+        "peft-pipelines: error: my copy.yaml: the copy's name comes from its file name, and 'my copy' is not "
+        "a recipe name (letters, digits, _ . -, starting with a letter or digit); choose another file name\n"
+    )
+    assert not (tmp_path / "my copy.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "options"),
+    [
+        (["run", "--resume", "toy/toy_cli", "seed=1", "data.fraction=0.5"], (True, None)),
+        (["run", "toy/toy_cli", "--output-dir", "d", "seed=1", "data.fraction=0.5"], (False, "d")),
+        (["run", "toy/toy_cli", "seed=1", "--resume", "data.fraction=0.5", "--output-dir=d"], (True, "d")),
+        (["run", "toy/toy_cli", "seed=1", "--debug", "data.fraction=0.5"], (False, None)),
+    ],
+)
+def test_run_takes_its_options_anywhere(monkeypatch, argv, options):
+    seen = []
+    monkeypatch.setattr(runner, "run_recipe", lambda *args, **kwargs: seen.append((args, kwargs)) or "d")
+    monkeypatch.setattr(runner, "summary_line", str)
+    assert cli.main(argv) == 0
+    recipe, overrides = seen[0][0]
+    assert (recipe, overrides) == ("toy/toy_cli", ["seed=1", "data.fraction=0.5"])
+    assert seen[0][1] == {"resume": options[0], "output_dir": options[1]}
+
+
+def test_run_still_refuses_unknown_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "toy/toy_cli", "seed=1", "--bogus", "other.yaml"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus other.yaml\n")
 
 
 def test_errors_are_one_line_unless_debug(capsys):
@@ -144,6 +201,20 @@ def test_interrupt_exits_130_with_the_resume_command(monkeypatch, capsys):
     assert cli.main(["run", "toy/toy_cli", "seed=3", "--output-dir", "elsewhere"]) == 130
     assert capsys.readouterr().err.endswith(
         "`peft-pipelines run toy/toy_cli seed=3 --resume --output-dir elsewhere`\n"
+    )
+
+
+def test_an_interrupt_before_any_checkpoint_says_to_start_again(monkeypatch, capsys):
+    from pipelines.core.training import TrainingInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted("Training interrupted after step 0/5; ...", 0, None, 5)
+
+    monkeypatch.setattr(runner, "run_recipe", interrupted)
+    assert cli.main(["run", "toy/toy_cli", "description=a b"]) == 130
+    assert capsys.readouterr().err == (
+        "peft-pipelines: interrupted after step 0/5; no checkpoint was written, so start again with "
+        "`peft-pipelines run toy/toy_cli 'description=a b'`\n"
     )
 
 
