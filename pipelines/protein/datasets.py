@@ -9,7 +9,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.core.data import get_dataset, sha256_file
-from pipelines.core.sampling import low_data_indices
 from pipelines.protein.data import (
     BIND_SPLITS,
     GB1_SPLITS,
@@ -26,7 +25,7 @@ from pipelines.protein.data import (
     split_records,
 )
 
-__all__ = ["DataOptions", "RESIDUE_DATASETS", "SEQUENCE_DATASETS", "load_splits"]
+__all__ = ["DataOptions", "RESIDUE_DATASETS", "SEQUENCE_DATASETS", "cap_records", "load_splits"]
 
 SEQUENCE_DATASETS = ("flip_gb1",)
 RESIDUE_DATASETS = ("flip_secondary_structure", "flip_bind")
@@ -115,7 +114,8 @@ def _own(options: DataOptions, level: str, issues: DataIssues) -> list[ProteinRe
     )
 
 
-def _subsample(records: list[ProteinRecord], cap: int | None, seed: int) -> list[ProteinRecord]:
+def cap_records(records: list[ProteinRecord], cap: int | None, seed: int) -> list[ProteinRecord]:
+    """A seeded draw of at most ``cap`` records, in their original order (all when ``cap`` is None)."""
     if cap is None or len(records) <= cap:
         return records
     keep = np.sort(np.random.default_rng(seed).choice(len(records), size=cap, replace=False))
@@ -127,11 +127,9 @@ def load_splits(
     options: DataOptions,
     level: str,
     max_residues: int,
-    fraction: float = 1.0,
     seed: int = 0,
     records: list[ProteinRecord] | None = None,
-    shots_per_class: int | None = None,
-    stratify: bool = False,
+    limit_train: bool = True,
 ) -> tuple[dict[str, list[ProteinRecord]], dict[str, Any], DataIssues]:
     """Load a dataset's records and cut them into train/valid/test.
 
@@ -141,11 +139,10 @@ def load_splits(
         options: The recipe's data options.
         level: ``sequence`` or ``residue``.
         max_residues: The residue limit (``options.max_residues`` wins when set).
-        fraction: Seeded fraction of the training split kept (``core.sampling.low_data_indices``).
         seed: Seed of the subsampling and of the validation hold-out.
         records: Records given directly (lab code); their split field decides the split.
-        shots_per_class: Training records kept per class (per-sequence classification only).
-        stratify: Draw the fraction per class (per-sequence classification).
+        limit_train: Apply the residue limit to the training split too (off when the caller draws a
+            subset first and applies it to the records it keeps, so the counts are theirs).
 
     Returns:
         ``(splits, dataset_info, issues)``; dataset_info has the name, split name, file checksums and sizes.
@@ -187,18 +184,11 @@ def load_splits(
         held = set(order[:cut].tolist())
         groups["valid"] = [r for i, r in enumerate(groups["train"]) if i in held]
         groups["train"] = [r for i, r in enumerate(groups["train"]) if i not in held]
-    full_train = len(groups["train"])
-    if fraction < 1.0 or shots_per_class is not None:
-        train = groups["train"]
-        labels = [record.target for record in train] if stratify else None
-        groups["train"] = [
-            train[i] for i in low_data_indices(len(train), labels, fraction, shots_per_class, seed)
-        ]
-    groups["train"] = _subsample(groups["train"], options.max_train, seed)
-    groups["valid"] = _subsample(groups["valid"], options.max_valid, seed + 1)
-    groups["test"] = _subsample(groups["test"], options.max_test, seed + 2)
+    groups["train"] = cap_records(groups["train"], options.max_train, seed)
+    groups["valid"] = cap_records(groups["valid"], options.max_valid, seed + 1)
+    groups["test"] = cap_records(groups["test"], options.max_test, seed + 2)
     limit = options.max_residues or max_residues  # applied to the records used, so the counts are theirs
-    for key in ("train", "valid", "test"):
+    for key in ("train", "valid", "test") if limit_train else ("valid", "test"):
         groups[key] = limit_length(groups[key], limit, options.long_sequences, issues)
     info = {
         "name": dataset,
@@ -208,7 +198,6 @@ def load_splits(
         "residue_limit": limit,
         "long_sequences": options.long_sequences,
         "issues": issues.as_dict(),
-        "low_data": {"fraction": fraction, "shots_per_class": shots_per_class, "full_train": full_train},
     }
     return groups, info, issues
 

@@ -319,10 +319,11 @@ class _ProteinPipeline:
 
     # ----- recipe path --------------------------------------------------------------------------------
     def run(self, run_dir: Path, resume: bool = False) -> RunResult:
-        """Train the recipe's stages and baselines, score them on test and return the report's content."""
-        from pipelines.protein.runs import run_protein_recipe
+        """Run the recipe through the core experiment engine with this domain's hooks."""
+        from pipelines.core.experiment import run_experiment
+        from pipelines.protein.experiment import ProteinExperiment
 
-        return run_protein_recipe(self, Path(run_dir), resume)
+        return run_experiment(ProteinExperiment(self), self.recipe, Path(run_dir), resume)
 
 
 def _saved_outputs(directory: Path) -> int:

@@ -15,9 +15,9 @@ from pipelines.core.evaluation import evaluate
 from pipelines.protein.backbones import load_backbone
 from pipelines.protein.batching import MaskedLMCollator, ProteinDataset, TaskCollator
 from pipelines.protein.data import IGNORE_INDEX, records_from_lists
+from pipelines.protein.experiment import ProteinExperiment, _masked_lm_perplexity
 from pipelines.protein.metrics import protein_bootstrap, register_protein_metrics
 from pipelines.protein.model import ProteinModel
-from pipelines.protein.runs import _masked_lm_perplexity, _protein_intervals
 
 register_protein_metrics()
 
@@ -123,8 +123,11 @@ def test_report_interval_resamples_proteins_of_the_scored_residues(residue_model
     collate = TaskCollator(model.vocabulary, "residue")
     y_true, y_score = model.predict(DataLoader(ProteinDataset(records), batch_size=4, collate_fn=collate))
     evaluation = SimpleNamespace(headline="q3", bootstrap=1000)
-    pipe = SimpleNamespace(recipe=SimpleNamespace(evaluation=evaluation), metrics=["q3"])
-    interval = _protein_intervals(pipe, records, y_true, y_score)
+    recipe = SimpleNamespace(evaluation=evaluation)
+    pipe = SimpleNamespace(recipe=recipe, options=None, task="multiclass", LEVEL="residue", metrics=["q3"])
+    experiment = ProteinExperiment(pipe)
+    experiment.splits = {"test": records}
+    interval = experiment._protein_interval(y_true, y_score)
     truth, probabilities, counts = _oracle(model, records)
     starts = np.cumsum([0, *counts])
     truths = [truth[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]

@@ -100,8 +100,9 @@ def test_recipe_with_masked_lm_stage_then_task_stage(tmp_path):
     assert config["modules"] == ["backbone.model.layers.1.self_attn.q_proj"] and config["extra_modules"] == [
         "head"
     ]
-    # trainable in the last stage: LoRA r=2 on q of layer 1 (A 2x32 + B 32x2) and the head (32 + 1)
-    assert report["parameters"]["lora"]["trainable"] == 128 + 33
+    # trainable in any stage: evotune's LoRA r=2 on k and v of both layers (4 x 128), the task's on q of
+    # layer 1 (A 2x32 + B 32x2) and the head (32 + 1)
+    assert report["parameters"]["lora"]["trainable"] == 4 * 128 + 128 + 33
 
 
 def test_recipe_rejects_a_task_stage_before_the_last(tmp_path):

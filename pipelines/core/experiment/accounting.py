@@ -1,0 +1,56 @@
+"""The numbers every report states the same way: headline metric, parameter counts and cost."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["headline_metric", "parameter_count", "peak_memory_bytes", "cost"]
+
+
+def headline_metric(recipe: Any, primary_results: Any) -> str:
+    """``evaluation.headline``, else the first of ``evaluation.metrics``, else the first metric scored."""
+    evaluation = recipe.evaluation
+    return evaluation.headline or (
+        evaluation.metrics[0] if evaluation.metrics else next(iter(primary_results))
+    )
+
+
+def parameter_count(model: nn.Module, trained: set[str]) -> dict[str, Any]:
+    """Trainable = parameters any stage trained; total = every parameter of the model (shared ones once)."""
+    unique: dict[int, tuple[str, nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        unique.setdefault(id(parameter), (name, parameter))
+    total = sum(p.numel() for _, p in unique.values())
+    trainable = sum(p.numel() for name, p in unique.values() if name in trained)
+    return {"trainable": trainable, "total": total, "fraction": trainable / total if total else 0.0}
+
+
+def peak_memory_bytes() -> int:
+    """Peak CUDA memory allocated when on a GPU, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def cost(models: dict[str, Any], primary: str, started: float) -> dict[str, Any]:
+    """Wall time, peak memory, the primary model's training throughput and each model's training time."""
+    results = models[primary].results
+    seconds = sum(r.wall_time_s for r in results)
+    samples = sum(r.samples_per_second * r.wall_time_s for r in results)
+    return {
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "samples_per_second": samples / seconds if seconds else None,
+        "train_time_s": {
+            label: round(sum(r.wall_time_s for r in m.results), 2) for label, m in models.items()
+        },
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+    }

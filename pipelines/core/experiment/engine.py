@@ -1,0 +1,176 @@
+"""The experiment a recipe describes, written once for every pipeline.
+
+``run_experiment(hooks, recipe, run_dir, resume)``: load the data through the domain's hooks, draw the
+low-data training subset (``data.fraction``, ``data.shots_per_class``), train the recipe's stages on one
+model (add the stage's adapter, ``set_trainable``, ``core.training.train``), save its adapters and check
+that they reload to identical outputs, train each ``compare`` entry on the same data, seed and step
+budget, score every model on the test split with ``evaluate``, and return the RunResult the runner
+writes as the report: the headline, parameters (trainable = what any stage trained; total = every
+parameter of the final model, adapters included) and cost.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipelines.core.evaluation import RunResult, evaluate
+from pipelines.core.experiment.accounting import cost, headline_metric, parameter_count
+from pipelines.core.experiment.hooks import ExperimentHooks, Outcome, StagePlan, Trained
+from pipelines.core.peft import add_adapter, as_spec, load_adapter, save_adapter, set_trainable, spec_to_dict
+from pipelines.core.sampling import low_data_indices
+from pipelines.core.training import train
+
+__all__ = ["run_experiment", "compare_label", "compare_stages", "train_candidate"]
+
+
+def run_experiment(hooks: ExperimentHooks, recipe: Any, run_dir: Path, resume: bool = False) -> RunResult:
+    """Run ``recipe`` with the domain's ``hooks``; returns the report's content (see the module docstring)."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    data = hooks.load_data(run_dir)
+    keep = low_data_indices(
+        data.train_size, data.train_labels, recipe.data.fraction, recipe.data.shots_per_class, recipe.seed
+    )
+    hooks.keep_training(keep)
+    data.info["low_data"] = {"fraction": recipe.data.fraction, "shots_per_class": recipe.data.shots_per_class,
+                             "train_full": data.train_size, "train_used": len(keep)}  # fmt: skip
+    primary = getattr(hooks, "primary_label", primary_label)(recipe)
+    models = {primary: train_candidate(hooks, recipe.stages, primary, run_dir, resume, recipe.seed, True)}
+    for entry in recipe.compare:
+        label = compare_label(entry)
+        if label == primary:
+            continue
+        plan = compare_stages(recipe, entry) if not isinstance(entry, str) else hooks.baseline(entry)
+        models[label] = _outcome(label, plan) if isinstance(plan, Outcome) else train_candidate(
+            hooks, plan, label, run_dir / "baselines", resume, recipe.seed, False
+        )  # fmt: skip
+    metrics = list(recipe.evaluation.metrics or data.metrics) or None
+    results = {
+        label: evaluate(data.task, *m.predictions, metrics, recipe.evaluation.bootstrap, recipe.seed,
+                        **m.details.get("evaluate", {}))
+        for label, m in models.items()
+    }  # fmt: skip
+    described = hooks.describe(models)
+    results.update(described.pop("results", {}))
+    return RunResult(
+        name=recipe.name, pipeline=recipe.pipeline, task=data.task,
+        headline_metric=headline_metric(recipe, results[primary]), primary_model=primary,
+        results=results, predictions={label: m.predictions for label, m in models.items()},
+        parameters={label: m.parameters for label, m in models.items()},
+        histories={label: [row for r in m.results for row in r.history] for label, m in models.items()},
+        info=_info(data.info, described, models, primary, started),
+    )  # fmt: skip
+
+
+def primary_label(recipe: Any) -> str:
+    """The primary model's label: its stages' adapter methods, each once, joined by '+', or 'head_only'."""
+    methods = [stage.adapter.method for stage in recipe.stages if stage.adapter is not None]
+    return "+".join(dict.fromkeys(methods)) or "head_only"
+
+
+def compare_label(entry: Any) -> str:
+    """A compare entry's label: the baseline's name, or ``<method>_<field><value>...`` for a spec."""
+    if isinstance(entry, str):
+        return entry
+    spec = spec_to_dict(as_spec(entry))
+    defaults = spec_to_dict(type(as_spec(entry))())
+    changed = [f"{key}{value}" for key, value in spec.items()
+               if key not in ("method", "targets") and value != defaults.get(key)]  # fmt: skip
+    return "_".join([spec["method"], *changed])
+
+
+def compare_stages(recipe: Any, entry: Any) -> list[Any]:
+    """A compare entry written as an adapter spec: the last stage's objective and budget, this adapter."""
+    last = recipe.stages[-1]
+    label = compare_label(entry)
+    return [last.model_copy(update={"name": label, "adapter": as_spec(entry), "trainable": [label]})]
+
+
+def train_candidate(
+    hooks: ExperimentHooks, stages: list[Any], label: str, root: Path, resume: bool, seed: int, save: bool
+) -> Trained:
+    """Train ``stages`` in order on a new model; save and reload-check the adapters when ``save``."""
+    model = hooks.new_model()
+    trained_names: set[str] = set()
+    results, plans = [], []
+    for index, stage in enumerate(stages):
+        plan = hooks.plan_stage(model, stage, index)
+        plans.append(plan)
+        _prepare(model, stage, plan)
+        trained_names |= {name for name, p in model.named_parameters() if p.requires_grad}
+        folder = root / "train" / label / stage.name if plan.checkpoint else None
+        result = train(
+            model, plan.dataset, plan.loss_fn, plan.train or stage.train, val_data=plan.val_data,
+            evaluate_fn=plan.evaluate_fn, run_dir=folder, resume=resume and folder is not None,
+            collate_fn=plan.collate_fn, seed=seed, progress=False,
+        )  # fmt: skip
+        results.append(result)
+        if hasattr(hooks, "after_stage"):
+            hooks.after_stage(model, stage, result)
+    candidate = Trained(label, model, hooks.predict(model), parameter_count(model, trained_names), results)
+    if save:
+        _save_and_check(hooks, candidate, stages, plans, root)
+    return candidate
+
+
+def _prepare(model: nn.Module, stage: Any, plan: StagePlan) -> None:
+    if plan.full:
+        model.requires_grad_(True)
+        return
+    if plan.adapter is not None:
+        add_adapter(model, plan.adapter, name=stage.name)
+    set_trainable(model, list(stage.trainable or []), extra=plan.extra_trainable)
+
+
+def _save_and_check(hooks: ExperimentHooks, candidate: Trained, stages, plans, root: Path) -> None:
+    """Save each stage's adapter (with the head) and check a fresh model reloads identical outputs."""
+    for stage, plan in zip(stages, plans, strict=True):
+        if plan.adapter is not None:
+            folder = root / "adapters" / stage.name
+            save_adapter(candidate.model, folder, name=stage.name, extra=plan.extra_trainable)
+            candidate.adapters[stage.name] = folder
+    probe = getattr(hooks, "probe", None)
+    if not candidate.adapters or probe is None:
+        return
+    fresh = hooks.new_model()
+    for folder in candidate.adapters.values():
+        load_adapter(fresh, folder)
+    candidate.model.eval(), fresh.eval()
+    with torch.no_grad():
+        same = torch.equal(probe(candidate.model), probe(fresh))
+    candidate.details["reload_identical"] = bool(same)
+
+
+def _outcome(label: str, outcome: Outcome) -> Trained:
+    total = max(outcome.total, 1)
+    parameters = {
+        "trainable": outcome.trainable,
+        "total": outcome.total,
+        "fraction": outcome.trainable / total,
+    }
+    return Trained(label, None, outcome.predictions, parameters, details=dict(outcome.details))
+
+
+def _info(dataset: dict, described: dict, models: dict[str, Trained], primary: str, started: float) -> dict:
+    main = models[primary]
+    notes = list(described.pop("notes", []))
+    if "reload_identical" in main.details:
+        verdict = "identical" if main.details["reload_identical"] else "DIFFERENT"
+        notes.append(f"The saved adapters ({', '.join(main.adapters)}) reloaded into a fresh model give "
+                     f"{verdict} outputs on test examples.")  # fmt: skip
+    extra = described.pop("extra", {})
+    extra["models"] = {label: {"steps": sum(r.steps for r in m.results), **{k: v for k, v in m.details.items()
+                                                                              if k != "evaluate"}}
+                       for label, m in models.items()}  # fmt: skip
+    return {
+        "dataset": {**dataset, **described.pop("dataset", {})},
+        "cost": {**cost(models, primary, started), **described.pop("cost", {})},
+        "notes": notes,
+        "extra": extra,
+        **described,
+    }
