@@ -57,9 +57,7 @@ class DataCard(BaseModel):
 
 def cards_dir() -> Path:
     """Return ``<repository>/data_cards`` (beside the editable-installed package)."""
-    import pipelines
-
-    return Path(pipelines.__file__).resolve().parent.parent / "data_cards"
+    return Path(__file__).resolve().parents[2] / "data_cards"
 
 
 def list_cards() -> list[str]:

@@ -183,9 +183,7 @@ class Recipe(_Section):
 
 def recipes_dir() -> Path:
     """Return the shipped recipes folder, ``<repository>/recipes`` (the package is installed editable)."""
-    import pipelines
-
-    return Path(pipelines.__file__).resolve().parent.parent / "recipes"
+    return Path(__file__).resolve().parents[2] / "recipes"
 
 
 def list_recipes(pattern: str = "*") -> list[str]:

@@ -68,3 +68,20 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
         atomic_write(tmp_path / "report.json", fails)
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
     assert (tmp_path / "report.json").read_text() == "old"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_reports_and_adapter_files_follow_the_umask(tmp_path, umask, mask):
+    import torch
+
+    from pipelines.core.evaluation import RunResult, write_report
+    from pipelines.core.peft import LoRA, add_adapter, save_adapter
+
+    umask(mask)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    add_adapter(model, LoRA(r=2, targets=["0"]), name="task")
+    folder = save_adapter(model, tmp_path / "adapter", name="task")
+    result = RunResult("toy", "toy/x", "regression", "mse", "m", {"m": {"mse": 1.0}})
+    written = write_report(tmp_path / "run", result)
+    files = [p for p in [*folder.iterdir(), *written] if p.is_file()]
+    assert files and {mode(p) for p in files} == {0o666 & ~mask}

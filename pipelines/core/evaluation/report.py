@@ -8,7 +8,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 from pipelines.core.evaluation.comparisons import run_comparisons
 from pipelines.core.evaluation.evaluate import EvaluationReport, MetricResult
 from pipelines.core.evaluation.plots import write_plots
+from pipelines.core.files import write_text_atomic
 
 INFO_KEYS = ("backbone", "adapter", "dataset", "cost", "notes", "extra")
 REPORT_KEYS = (
@@ -119,26 +119,10 @@ def to_jsonable(obj: Any, where: str = "value") -> Any:
     )
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write `obj` as indented JSON (via `to_jsonable`, so NaN becomes null) to a temp file, then rename."""
     text = json.dumps(to_jsonable(obj, Path(path).name), indent=2, allow_nan=False, ensure_ascii=False)
-    return _write_text_atomic(Path(path), text + "\n")
+    return write_text_atomic(Path(path), text + "\n")
 
 
 def package_versions() -> dict[str, str]:
@@ -235,5 +219,5 @@ def write_report(run_dir: str | os.PathLike, result: RunResult) -> list[Path]:
         plots = []
     paths = [write_json_atomic(run_dir / "report.json", payload)]
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    paths.append(_write_text_atomic(run_dir / "report.md", render_markdown(payload, plots, created)))
+    paths.append(write_text_atomic(run_dir / "report.md", render_markdown(payload, plots, created)))
     return paths + [run_dir / name for name in plots]

@@ -9,14 +9,14 @@ the head modules, so loading needs no target matching. HF peft (LoRA only): keys
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from pipelines.core.files import atomic_write
 
 from .inject import _select, adapter_names, adapter_specs, add_adapter, remove_adapter, wrappers
 from .specs import LoRA, spec_from_dict, spec_to_dict
@@ -26,17 +26,6 @@ CONFIG = "adapter_config.json"
 PICKLES = ("adapter_model.bin", "pytorch_model.bin", ".pt", ".pth", ".ckpt", ".pkl")
 PEFT_PREFIX = "base_model.model."
 LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -90,8 +79,8 @@ def save_adapter(
                   "base_model_name_or_path": base_name}  # fmt: skip
     else:
         raise ValueError(f"Unknown adapter format {format!r}; use 'native' or 'peft'.")
-    _atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return directory
 
 
@@ -146,8 +135,8 @@ def convert_adapter(source: str | Path, target: str | Path, format: str) -> Path
     elif format not in ("native", "peft"):
         raise ValueError(f"Unknown adapter format {format!r}; use 'native' or 'peft'.")
     target.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(target / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(target / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(target / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return target
 
 
