@@ -94,7 +94,11 @@ def compare_stages(recipe: Any, entry: Any) -> list[Any]:
 def train_candidate(
     hooks: ExperimentHooks, stages: list[Any], label: str, root: Path, resume: bool, seed: int, save: bool
 ) -> Trained:
-    """Train ``stages`` in order on a new model; save and reload-check the adapters when ``save``."""
+    """Train ``stages`` in order on a new model; save and reload-check the adapters when ``save``.
+
+    The optional hook ``evaluate_options(model)`` returns this model's keyword arguments of ``evaluate``
+    (a binary threshold chosen on validation: ``{"threshold": t}``).
+    """
     model = hooks.new_model()
     trained_names: set[str] = set()
     results, plans = [], []
@@ -113,6 +117,8 @@ def train_candidate(
         if hasattr(hooks, "after_stage"):
             hooks.after_stage(model, stage, result)
     candidate = Trained(label, model, hooks.predict(model), parameter_count(model, trained_names), results)
+    if hasattr(hooks, "evaluate_options"):
+        candidate.details["evaluate"] = hooks.evaluate_options(model)
     if save:
         _save_and_check(hooks, candidate, stages, plans, root)
     return candidate
