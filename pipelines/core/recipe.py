@@ -141,6 +141,11 @@ class Recipe(_Section):
     pipeline: str = Field(description="Registered pipeline, e.g. imaging/classification.")
     description: str = Field("", description="One line saying what the recipe does.")
     seed: int = Field(0, ge=0, description="Seed for Python, NumPy and torch.")
+    seeds: list[int] | None = Field(
+        None,
+        description="Repeat the whole experiment once per seed (each replaces `seed`); the report gives each "
+        "model's mean over seeds with a pooled interval and the seeds on which the primary model won.",
+    )
     backbone: BackboneSection = Field(description="The pretrained network.")
     data: DataSection = Field(description="The dataset and task.")
     stages: list[StageSection] = Field(min_length=1, description="Training stages, run in order.")
@@ -153,6 +158,11 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
         problems = []  # "path: message" lines, split back into separate errors by translate_errors
+        if self.seeds is not None:
+            if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+                problems.append("seeds: give at least two different non-negative seeds, e.g. [0, 1, 2]")
+            if self.seed != 0:
+                problems.append("seed: with seeds, each repeat sets the seed; remove seed or put it in seeds")
         seen: dict[str, int] = {}
         for index, stage in enumerate(self.stages):
             if stage.name in seen:

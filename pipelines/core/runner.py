@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.core.evaluation import RunResult, write_report
 from pipelines.core.recipe import (
     Recipe,
     apply_overrides,
@@ -125,8 +126,6 @@ def run_recipe(
     Returns:
         The run directory.
     """
-    from pipelines.core.registry import get_pipeline_class
-
     recipe = _resolve(recipe, overrides)
     if output_dir is not None:
         recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
@@ -147,13 +146,30 @@ def run_recipe(
         if not (run_dir / RUN_FILE).is_file():  # a resume keeps the hash the run started with
             write_run_file(run_dir, recipe.model_dump(mode="json"))
     logger.info("run directory: %s", run_dir)
-    pipeline = get_pipeline_class(recipe.pipeline).from_recipe(recipe)
-    result = pipeline.run(run_dir, resume=resume)
+    result = _run_seeds(recipe, run_dir, resume) if recipe.seeds else _run_once(recipe, run_dir, resume)
     if _is_main_process():
-        from pipelines.core.evaluation import write_report
-
         write_report(run_dir, result)
     return run_dir
+
+
+def _run_once(recipe: Recipe, run_dir: Path, resume: bool) -> RunResult:
+    from pipelines.core.registry import get_pipeline_class
+
+    return get_pipeline_class(recipe.pipeline).from_recipe(recipe).run(run_dir, resume=resume)
+
+
+def _run_seeds(recipe: Recipe, run_dir: Path, resume: bool) -> RunResult:
+    """Each seed in its own ``seed-<n>/`` folder with its own report, then the summary over seeds."""
+    from pipelines.core.experiment.seeds import aggregate_seeds
+
+    runs = {}
+    for seed in recipe.seeds:
+        seed_everything(seed)
+        folder = run_dir / f"seed-{seed}"
+        runs[seed] = _run_once(recipe.model_copy(update={"seed": seed, "seeds": None}), folder, resume)
+        if _is_main_process():
+            write_report(folder, runs[seed])
+    return aggregate_seeds(runs, recipe.evaluation.bootstrap)
 
 
 def run_demo(
