@@ -251,13 +251,20 @@ def summary_line(run_dir: Path) -> str:
 
 
 def _comparison(report: Mapping[str, Any], baselines: Sequence[str] = ()) -> str:
-    """'beat linear_probe (0.912)' or 'lost to full_finetune (0.951)': the strongest baseline.
+    """The paired difference against the strongest baseline ('minus full_finetune +0.018 [-0.004, +0.041],
+    p = 0.11'), or, without paired comparisons, 'beat linear_probe (0.912)' / 'lost to ...'.
 
     Baselines are the recipe's `compare` entries when the report has them; other rows of a report
     (a reference such as speech's vocoded recordings) are not competitors.
     """
+    from pipelines.core.evaluation.comparisons import best_baseline_comparison
+
     headline = report["headline"]
     metric, model, value = headline["metric"], headline["model"], headline.get("value")
+    paired = best_baseline_comparison(report, baselines) if report.get("comparisons") else None
+    if paired is not None and paired.get("difference") is not None:
+        interval = f"[{_signed(paired.get('low'))}, {_signed(paired.get('high'))}]"
+        return f"minus {paired['baseline']} {_signed(paired['difference'])} {interval}, p = {_p(paired)}"
     results = report.get("results", {})
     named = [name for name in baselines if name in results]
     others = {
@@ -276,6 +283,16 @@ def _comparison(report: Mapping[str, Any], baselines: Sequence[str] = ()) -> str
     best = max(others, key=lambda name: sign * others[name])
     verb = "beat" if sign * value > sign * others[best] else "tied" if value == others[best] else "lost to"
     return f"{verb} {best} ({_number(others[best])})"
+
+
+def _signed(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:+.3f}"
+
+
+def _p(comparison: Mapping[str, Any]) -> str:
+    p = comparison.get("p_holm") if comparison.get("p_holm") is not None else comparison.get("p_value")
+    text = "n/a" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3g}")
+    return text + (" (Holm)" if comparison.get("p_holm") is not None else "")
 
 
 def _compared(run_dir: Path) -> list[str]:

@@ -92,7 +92,9 @@ def test_run_dir_holds_resolved_recipe_and_report(recipe_file, tmp_path):
     expected = load_recipe(recipe_file, ["seed=3", f"output_dir={tmp_path / 'runs'}"]).model_dump(mode="json")
     assert saved == expected
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["headline"] == {"metric": "auroc", "model": "lora", "value": 0.9, "low": 0.85, "high": 0.95}
+    assert report["headline"] == {
+        "metric": "auroc", "model": "lora", "value": 0.9, "low": 0.85, "high": 0.95, "greater_is_better": True
+    }  # fmt: skip
     assert (run_dir / "report.md").is_file()
     assert FakePipeline.calls[0]["run_dir"] == run_dir and FakePipeline.calls[0]["resume"] is False
 
@@ -314,3 +316,27 @@ def test_demo_index_compares_against_the_recipe_baselines_only():
     }
     assert _comparison(report, ["lora"]) == "beat lora (28.100)"
     assert _comparison(report) == "lost to reference (10.400)"  # no compare list: every other row
+
+
+def test_demo_index_gives_the_paired_difference_against_the_best_baseline(tmp_path):
+    import numpy as np
+
+    from pipelines.core.evaluation import evaluate, write_report
+
+    labels = np.array([0, 1] * 40)
+    noise = np.random.default_rng(0).normal(size=(3, 80))
+    scores = {
+        "lora": labels + noise[0],
+        "linear_probe": labels + 2 * noise[1],
+        "bitfit": labels + 3 * noise[2],
+    }
+    predictions = {k: (labels, 1 / (1 + np.exp(-v))) for k, v in scores.items()}
+    results = {k: evaluate("binary", *v, ["auroc"], bootstrap=200) for k, v in predictions.items()}
+    run = tmp_path / "runs" / "pm" / "t1"
+    write_report(
+        run, RunResult("pm", "imaging/classification", "binary", "auroc", "lora", results, predictions)
+    )
+    row = write_demo_index([run], tmp_path / "index.md").read_text().splitlines()[-1]
+    paired = json.loads((run / "report.json").read_text())["comparisons"]["results"]["linear_probe"]["auroc"]
+    expected = f"minus linear_probe {paired['difference']:+.3f} [{paired['low']:+.3f}, {paired['high']:+.3f}]"
+    assert f"| {expected}, p = {paired['p_holm']:.3g} (Holm) |" in row

@@ -172,6 +172,15 @@ def _parameter_dict(count: Any) -> dict[str, Any]:
     return {key: values.get(key) for key in ("trainable", "total", "fraction")}
 
 
+def _greater_is_better(metric: str) -> bool | None:
+    from pipelines.core.evaluation.registry import get_metric
+
+    try:
+        return get_metric(metric).greater_is_better
+    except ValueError:  # a metric only the pipeline knows; the index then asks the registry itself
+        return None
+
+
 def build_report(result: RunResult) -> dict[str, Any]:
     """The report.json payload (not yet JSON-converted)."""
     results = {model: _metric_table(report) for model, report in result.results.items()}
@@ -188,7 +197,12 @@ def build_report(result: RunResult) -> dict[str, Any]:
         "name": result.name,
         "pipeline": result.pipeline,
         "task": result.task,
-        "headline": {"metric": result.headline_metric, "model": result.primary_model, **headline},
+        "headline": {
+            "metric": result.headline_metric,
+            "model": result.primary_model,
+            **headline,
+            "greater_is_better": _greater_is_better(result.headline_metric),
+        },
         "results": results,
         "comparisons": run_comparisons(result),
         "parameters": {model: _parameter_dict(count) for model, count in result.parameters.items()},

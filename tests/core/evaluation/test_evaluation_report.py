@@ -80,6 +80,7 @@ def test_write_report_files_and_json_keys(tmp_path: Path):
     lora = result.results["lora"]["auroc"]
     assert report["headline"] == {
         "metric": "auroc", "model": "lora", "value": lora.value, "low": lora.low, "high": lora.high,
+        "greater_is_better": True,
     }  # fmt: skip
     assert report["results"]["linear_probe"]["mcc"] == result.results["linear_probe"]["mcc"].to_dict()
     assert report["parameters"] == {
@@ -111,6 +112,7 @@ def test_report_json_round_trips_with_nan_as_null(tmp_path: Path):
         "value": 0.5,
         "low": None,
         "high": None,
+        "greater_is_better": True,
     }
     restored = EvaluationReport.from_dict(
         {"task": "binary", "n_examples": 4, "metrics": report["results"]["model"], "threshold": 0.5}
