@@ -141,6 +141,15 @@ def convert_adapter(source: str | Path, target: str | Path, format: str) -> Path
 
 
 def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    if directory.is_file() and directory.name.endswith(PICKLES):
+        raise ValueError(
+            f"{directory} is a pickle file, which is never loaded; re-save the adapter as safetensors "
+            "(HF peft: save_pretrained(..., safe_serialization=True))."
+        )
+    if directory.is_file():
+        raise ValueError(
+            f"{directory} is a file; pass the adapter directory that holds {WEIGHTS} and {CONFIG}."
+        )
     if not directory.is_dir():
         raise FileNotFoundError(f"Adapter directory {directory} does not exist.")
     pickles = [p.name for p in directory.iterdir() if p.name.endswith(PICKLES)]
@@ -153,7 +162,16 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"{directory} has no {WEIGHTS}; it is not an adapter directory.")
     if not (directory / CONFIG).exists():
         raise FileNotFoundError(f"{directory} has {WEIGHTS} but no {CONFIG}.")
-    return json.loads((directory / CONFIG).read_text()), load_file(str(directory / WEIGHTS))
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{directory / CONFIG} is not valid JSON ({error}); re-save the adapter.") from None
+    try:
+        return config, load_file(str(directory / WEIGHTS))
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise ValueError(
+            f"{directory / WEIGHTS} is damaged or not a safetensors file ({error}); re-save the adapter."
+        ) from None
 
 
 def _from_peft(config: dict, tensors: dict[str, torch.Tensor], directory: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -312,3 +313,25 @@ def test_a_target_that_matches_nothing_beside_others_is_warned_about():
         model.q_proj.adapters["default"].ia3_l.zero_()
     with refused("Cannot merge into 'q_proj': a zero scale could not be unmerged."):
         merge(model)
+
+
+def test_a_pickle_file_given_as_the_adapter_is_named_as_one(tmp_path):
+    torch.save({"q_proj.lora_A.weight": torch.zeros(2, 8)}, tmp_path / "x.pt")
+    with refused(
+        f"{tmp_path / 'x.pt'} is a pickle file, which is never loaded; re-save the adapter as safetensors "
+        "(HF peft: save_pretrained(..., safe_serialization=True))."
+    ):
+        load_adapter(Block(), tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle renamed"])
+def test_a_damaged_weights_file_is_named(tmp_path, saved, damage):
+    directory, base = saved
+    weights = directory / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:40])
+    else:
+        torch.save({"q_proj.lora_A.weight": torch.zeros(2, 8)}, weights)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(weights))} is damaged or not a safetensors file"):
+        load_adapter(base, directory)
+    assert not any(hasattr(m, "adapters") for m in base.modules())  # nothing was added
