@@ -127,11 +127,18 @@ def plot_losses(path: Path, histories: Mapping[str, Sequence[Mapping[str, Any]]]
                 series.append((model, key, style, np.array(points, dtype=float)))
     if not series:
         return False
+    from matplotlib.ticker import MaxNLocator
+
     figure, (axes,) = _figure(width=6.0)
     colours = {model: f"C{i}" for i, model in enumerate(dict.fromkeys(s[0] for s in series))}
     for model, key, style, points in series:
-        axes.plot(points[:, 0], points[:, 1], style, color=colours[model], label=f"{model} {key}")
-    axes.set(xlabel="step", ylabel="loss", title="Training and validation loss")
+        marker = "o" if len(points) <= 12 else None  # a short run's few points stay visible as points
+        axes.plot(points[:, 0], points[:, 1], style, marker=marker, markersize=3, color=colours[model],
+                  label=f"{model} {key}")  # fmt: skip
+    validation = any(key == "val_loss" for _, key, _, _ in series)
+    title = "Training and validation loss" if validation else "Training loss"
+    axes.set(xlabel="step", ylabel="loss", title=title)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend(fontsize="small")
     figure.savefig(path)
     return True

@@ -62,7 +62,7 @@ def run_experiment(hooks: ExperimentHooks, recipe: Any, run_dir: Path, resume: b
         headline_metric=headline_metric(recipe, results[primary]), primary_model=primary,
         results=results, predictions={label: m.predictions for label, m in models.items()},
         parameters={label: m.parameters for label, m in models.items()},
-        histories={label: [row for r in m.results for row in r.history] for label, m in models.items()},
+        histories={label: _history(m.results) for label, m in models.items()},
         info=_info(data.info, described, models, primary, started),
     )  # fmt: skip
 
@@ -150,6 +150,17 @@ def _save_and_check(hooks: ExperimentHooks, candidate: Trained, stages, plans, r
     with torch.no_grad():
         same = torch.equal(probe(candidate.model), probe(fresh))
     candidate.details["reload_identical"] = bool(same)
+
+
+def _history(results: list[Any]) -> list[dict]:
+    """The stages' training rows on one step axis: a later stage's steps continue the earlier ones'."""
+    rows, offset = [], 0
+    for result in results:
+        rows += [
+            {**row, "step": row["step"] + offset} if "step" in row else dict(row) for row in result.history
+        ]
+        offset += result.steps
+    return rows
 
 
 def _outcome(label: str, outcome: Outcome) -> Trained:

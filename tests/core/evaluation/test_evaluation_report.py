@@ -210,3 +210,22 @@ def test_package_versions_do_not_import_heavy_packages():
     after = {name for name in ("transformers", "timm", "monai", "esm", "torchaudio") if name in sys.modules}
     assert after == before
     assert versions["numpy"] == np.__version__ and "python" in versions
+
+
+def test_loss_plot_of_a_short_run_has_whole_steps_and_no_validation_in_its_title(tmp_path, monkeypatch):
+    from pipelines.core.evaluation import plots
+
+    made = []
+    original = plots._figure
+    monkeypatch.setattr(plots, "_figure", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    assert plots.plot_losses(
+        tmp_path / "loss.png", {"lora": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5}]}
+    )
+    figure, (axes,) = made[0]
+    figure.canvas.draw()
+    assert axes.get_title() == "Training loss"
+    assert all(float(tick).is_integer() for tick in axes.get_xticks())
+    assert axes.get_lines()[0].get_marker() == "o"
+    rows = [{"step": 1, "loss": 0.7}, {"step": 2, "val_loss": 0.6}]
+    assert plots.plot_losses(tmp_path / "loss2.png", {"lora": rows})
+    assert made[1][1][0].get_title() == "Training and validation loss"
