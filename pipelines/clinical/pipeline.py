@@ -3,9 +3,11 @@ objective on clinical notes, then a task LoRA stacked on it plus a classificatio
 
 The paper's four variants are recipe settings: (a) no domain stage; (b) stage 2 ``trainable: [task]``;
 (c) stage 2 with ``adapter: null`` and ``trainable: [domain]``; (d) ``trainable: [domain, task]``.
-From a recipe, ``run`` also trains the baselines in ``compare`` (``head_only``: the frozen backbone and a
-head; ``single_stage_lora``: the classification stages alone, without domain adaptation) on the same
-data, seed and budget, and reports held-out perplexity before and after each causal-LM stage.
+From a recipe, ``run`` goes through the core experiment engine with this domain's hooks
+(:mod:`pipelines.clinical.experiment`): it also trains the baselines in ``compare`` (``head_only``: the
+frozen backbone and a head; ``single_stage_lora``: the classification stages alone, without domain
+adaptation) on the same data, seed and budget, and reports held-out perplexity before and after each
+causal-LM stage. Lab code's ``fit`` trains its stages through the same engine function.
 
 From lab code::
 
@@ -14,10 +16,12 @@ From lab code::
     pipe.fit(train_frame)                  # a DataFrame of notes (text + label columns) or Notes
     report = pipe.evaluate(test_frame)     # report["auroc"].value / .low / .high
     pipe.save("adapters/")                 # domain/, task/ (each with peft/), classifier/
+    pipe.load("runs/<recipe>/<time>/adapters")   # a recipe run's model, for predict / evaluate
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +29,28 @@ import torch
 
 from pipelines.clinical.backbones import Backbone, load_backbone
 from pipelines.clinical.data import MTSAMPLES, Notes, notes_from_frame
+from pipelines.clinical.experiment import ClinicalExperiment
+from pipelines.clinical.model import ClinicalModel
 from pipelines.clinical.options import BackboneOptions, ClinicalOptions, StageOptions, as_model
 from pipelines.clinical.stages import (
+    HEAD,
     Stage,
     StageError,
+    as_section,
     build_model,
     classification_data,
+    lm_copy,
     lm_data,
+    load_adapters,
     perplexity_of,
     save_adapters,
     score,
-    train_stage,
+    stage_options,
 )
 from pipelines.core.evaluation import EvaluationReport, RunResult, evaluate
+from pipelines.core.experiment import run_experiment, train_candidate
 from pipelines.core.peft import as_spec
-from pipelines.core.recipe import Recipe, pipeline_options
+from pipelines.core.recipe import Recipe, StageSection, pipeline_options
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult
 
@@ -73,7 +84,7 @@ class ClinicalTwoStagePipeline:
         self,
         backbone: str | Backbone = "smollm2-135m",
         task: str = "binary",
-        stages: list[Stage] | None = None,
+        stages: list[Stage | StageSection] | None = None,
         domain_adapter: Any = DEFAULT_DOMAIN_ADAPTER,
         task_adapter: Any = DEFAULT_TASK_ADAPTER,
         train_domain_in_task_stage: bool = True,
@@ -98,7 +109,8 @@ class ClinicalTwoStagePipeline:
         Args:
             backbone: A name for :func:`~pipelines.clinical.backbones.load_backbone` or a loaded Backbone.
             task: ``binary``, ``multiclass`` or ``multilabel``.
-            stages: Explicit stages; when omitted they are built from the arguments below.
+            stages: Explicit stages (``Stage`` or the recipe's ``StageSection``); when omitted they are
+                built from the arguments below.
             domain_adapter: Spec (or dict) of the stage-1 adapter; None skips domain adaptation.
             task_adapter: Spec of the stage-2 adapter; None trains no new adapter in stage 2.
             train_domain_in_task_stage: Keep training the domain adapter in stage 2 (variant d).
@@ -109,7 +121,8 @@ class ClinicalTwoStagePipeline:
             text_column, label_columns, id_column: Columns of the DataFrames given to fit/evaluate.
             backbone_options: ``revision``, ``cached_layers``, ``tiny`` (see ``BackboneOptions``).
             metrics, bootstrap, seed: Evaluation metrics (default: the task's), resamples, seed.
-            progress: Show progress bars while training.
+            progress: Kept for compatibility: training runs through the experiment engine, which shows
+                no progress bars.
         """
         if task not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"task must be binary, multiclass or multilabel, got '{task}'")
@@ -124,7 +137,7 @@ class ClinicalTwoStagePipeline:
                 task_train, StageOptions(max_length=block_length, max_blocks=max_blocks),
                 StageOptions(max_length=max_length, pooling=pooling, class_weights=class_weights),
             )  # fmt: skip
-        self.stages = list(stages)
+        self.stages = [as_section(stage) for stage in stages]
         self._check_stages()
         self.recipe: Recipe | None = None
         self.options = ClinicalOptions()
@@ -157,9 +170,10 @@ class ClinicalTwoStagePipeline:
             raise StageError(
                 f"stage '{bad.name}' has objective '{bad.objective}'; use causal_lm or classification"
             )
-        first = heads[0].options
+        first = stage_options(heads[0])
         for stage in heads[1:]:
-            if (stage.options.max_length, stage.options.pooling) != (first.max_length, first.pooling):
+            options = stage_options(stage)
+            if (options.max_length, options.pooling) != (first.max_length, first.pooling):
                 raise StageError(
                     f"classification stage '{stage.name}' changes max_length or pooling; every "
                     "classification stage must use the first one's"
@@ -186,11 +200,7 @@ class ClinicalTwoStagePipeline:
                 f"options give {len(options.stages)} stage option sets for {len(recipe.stages)} stages; "
                 "put options inside each stage"
             )
-        stage_options = list(options.stages) + [StageOptions()] * (len(recipe.stages) - len(options.stages))
-        stages = [
-            Stage(s.name, s.objective, s.adapter, list(s.trainable or []), s.train, o)
-            for s, o in zip(recipe.stages, stage_options, strict=False)
-        ]
+        stages = list(recipe.stages)
         data = options.data
         pipeline = cls(
             backbone=recipe.backbone.name,
@@ -225,20 +235,16 @@ class ClinicalTwoStagePipeline:
     @property
     def classification_options(self) -> StageOptions:
         """Options of the first classification stage (tokens per note, pooling)."""
-        return next(s for s in self.stages if s.objective == "classification").options
+        return stage_options(next(s for s in self.stages if s.objective == "classification"))
 
     def _notes(self, data: Any) -> Notes:
         if isinstance(data, Notes):
             return data
         return notes_from_frame(data, task=self.task, **self.columns)
 
-    def new_model(self, num_classes: int) -> Any:
-        """Return the backbone with a fresh head and no adapters (removes adapters left by earlier runs)."""
-        from pipelines.core.peft import adapter_names, remove_adapter
-
-        lm = self.backbone.model
-        for name in reversed(adapter_names(lm)):
-            remove_adapter(lm, name)
+    def new_model(self, num_classes: int) -> ClinicalModel:
+        """Return a fresh model: a copy of the backbone's LM (sharing its frozen weights, so adapters of one
+        model never reach another), no adapters and a newly seeded head."""
         model = build_model(
             self.backbone, self.task, num_classes, self.classification_options.pooling,
             self.backbone_options.cached_layers, self.seed,
@@ -246,55 +252,25 @@ class ClinicalTwoStagePipeline:
         device = self.backbone_options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         return model.to(device)
 
-    def train_stages(
-        self,
-        model: Any,
-        stages: list[Stage],
-        train_set: Any,
-        lm_sets: dict[int, Any],
-        run_dir: Path | None = None,
-        resume: bool = False,
-        on_lm_stage: Any = None,
-    ) -> dict[str, TrainResult]:
-        """Run ``stages`` in order on ``model``; ``lm_sets`` maps block length -> LMBlocks for stage 1."""
-        results = {}
-        pad = int(self.backbone.tokenizer.pad_token_id)
-        for stage in stages:
-            data = train_set if stage.objective == "classification" else lm_sets[stage.options.max_length]
-            stage_dir = None if run_dir is None else Path(run_dir) / stage.name
-            results[stage.name] = train_stage(
-                model, stage, data, self.task, pad, stage_dir, resume, self.seed, progress=self.progress
-            )
-            if stage.objective == "causal_lm" and on_lm_stage is not None:
-                on_lm_stage(stage)
-        return results
-
     # -- lab code -----------------------------------------------------------------------------------
 
     def fit(self, train: Any, val: Any = None, domain_texts: list[str] | None = None) -> TrainResult:
-        """Train every stage on ``train`` (a DataFrame of notes or Notes); stage 1 reads ``domain_texts``
-        (default: the training notes' texts). Returns the last stage's result."""
+        """Train every stage on ``train`` (a DataFrame of notes or Notes) as a recipe would; ``val`` is the
+        validation set of stages that set ``eval_every`` or early stopping; causal-LM stages read
+        ``domain_texts`` (default: the training notes' texts). Returns the last stage's result."""
         notes = self._notes(train)
-        self.class_names = notes.class_names
-        self.model = self.new_model(len(notes.class_names))
-        tokenizer, batch = self.backbone.tokenizer, 8
-        train_set = classification_data(
-            self.model, tokenizer, notes, self.classification_options.max_length, batch
-        )
-        texts = list(domain_texts) if domain_texts is not None else notes.texts
-        lm_sets = {
-            s.options.max_length: lm_data(
-                self.model, tokenizer, texts, s.options.max_length, s.options.max_blocks
-            )
-            for s in self.stages
-            if s.objective == "causal_lm"
+        val_notes = self._notes(val) if val is not None else None
+        hooks = ClinicalExperiment.for_notes(self, notes, val_notes, domain_texts)
+        trained = train_candidate(hooks, self.stages, "fit", Path("."), False, self.seed, False)
+        self.model, self.class_names = trained.model, notes.class_names
+        self.train_results = {
+            stage.name: result for stage, result in zip(self.stages, trained.results, strict=True)
         }
-        self.train_results = self.train_stages(self.model, self.stages, train_set, lm_sets)
-        return list(self.train_results.values())[-1]
+        return trained.results[-1]
 
     def _require_model(self) -> None:
         if self.model is None:
-            raise RuntimeError("the pipeline has no trained model yet; call fit() (or run a recipe) first")
+            raise RuntimeError("the pipeline has no trained model yet; call fit() or load() first")
 
     def predict(self, notes: Any) -> tuple[Any, Any]:
         """Return ``(y_true, y_score)`` of the trained model on notes (DataFrame or Notes)."""
@@ -317,18 +293,27 @@ class ClinicalTwoStagePipeline:
         return perplexity_of(self.model, data, 8, self.bootstrap, self.seed)
 
     def save(self, directory: str | Path) -> dict[str, int]:
-        """Save the adapters (native + HF peft) and the head; returns bytes per saved folder."""
+        """Save the adapters and the head as a recipe run does (native ``<adapter>/``, HF peft
+        ``<adapter>/peft/``, ``classifier/``); returns bytes per saved folder."""
         self._require_model()
-        return save_adapters(
-            self.model, Path(directory), {"task": self.task, "class_names": self.class_names}
-        )
+        heads = [s.name for s in self.stages if s.objective == "classification"]
+        info = {"task": self.task, "class_names": self.class_names}
+        return save_adapters(self.model, lm_copy(self.backbone.model), Path(directory), info, heads)
+
+    def load(self, directory: str | Path) -> ClinicalModel:
+        """Make the model saved by :meth:`save`, or by a recipe run (``<run dir>/adapters``), this
+        pipeline's model (for predict, evaluate, perplexity); returns it."""
+        info = json.loads((Path(directory) / HEAD / "head.json").read_text())
+        model = self.new_model(len(info["class_names"]))
+        load_adapters(model, Path(directory))
+        self.model, self.class_names = model, list(info["class_names"])
+        return model
 
     # -- recipe path --------------------------------------------------------------------------------
 
     def run(self, run_dir: Path, resume: bool = False) -> RunResult:
-        """Train the recipe's stages and its baselines, score the test split; the runner writes the report."""
-        from pipelines.clinical.recipe_run import run_recipe_pipeline
-
+        """Run the recipe through the core experiment engine with this domain's hooks; the runner writes
+        the report. The primary model's adapters are in ``run_dir/adapters`` (see :meth:`load`)."""
         if self.recipe is None:
             raise RuntimeError("run() needs a recipe; build the pipeline with from_recipe(), or use fit()")
-        return run_recipe_pipeline(self, Path(run_dir), resume)
+        return run_experiment(ClinicalExperiment(self), self.recipe, Path(run_dir), resume)

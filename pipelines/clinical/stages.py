@@ -1,11 +1,13 @@
-"""The mechanics shared by the recipe path and lab code: build the model, turn notes into tensors, train
-one stage (causal LM or classification) through ``pipelines.core.training``, score, save and load."""
+"""The mechanics shared by the recipe path and lab code: build the model, turn notes into tensors, place
+a stage's adapter in the causal LM, the two losses, the cached-layer check, score, save and load."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,38 +17,48 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from pipelines.clinical.backbones import Backbone
-from pipelines.clinical.data import Notes, class_weights
+from pipelines.clinical.data import Notes
 from pipelines.clinical.metrics import held_out_perplexity
 from pipelines.clinical.model import ClinicalModel, classification_loss, num_outputs, predict_scores
 from pipelines.clinical.options import StageOptions
 from pipelines.clinical.tokens import ClassificationSet, LMBlocks, PadCollate, encode_notes, pack_blocks
 from pipelines.core.peft import (
+    AdaptedLayer,
     LoRA,
     adapter_names,
     adapter_specs,
     add_adapter,
     load_adapter,
     save_adapter,
-    set_trainable,
+    wrappers,
 )
-from pipelines.core.peft.layers import AdaptedLayer
-from pipelines.core.training import TrainConfig, TrainResult, train
+from pipelines.core.peft.inject import logical_modules, matches
+from pipelines.core.recipe import StageSection
+from pipelines.core.training import TrainConfig
 
 __all__ = [
+    "HEAD",
     "Stage",
     "StageError",
+    "as_section",
+    "stage_options",
+    "lm_copy",
     "build_model",
     "classification_data",
     "lm_data",
+    "lm_adapter",
     "check_cached_layers",
-    "train_stage",
+    "lm_loss",
+    "ClassificationLoss",
     "score",
     "perplexity_of",
     "save_adapters",
+    "save_exports",
     "load_adapters",
 ]
 
-HEAD_DIR = "classifier"
+HEAD = "classifier"  # the head's module name in ClinicalModel and its folder next to the adapters
+WEIGHTS = "adapter_model.safetensors"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -56,7 +68,8 @@ class StageError(ValueError):
 
 @dataclass
 class Stage:
-    """One training stage: the adapter it adds (or none), what trains, the loop settings, its options."""
+    """One training stage for lab code (see :func:`as_section`): the adapter it adds (or none), what
+    trains, the loop settings and its options."""
 
     name: str
     objective: Literal["causal_lm", "classification"]
@@ -66,20 +79,42 @@ class Stage:
     options: StageOptions = field(default_factory=StageOptions)
 
 
+def as_section(stage: Stage | StageSection) -> StageSection:
+    """The stage as the recipe's ``StageSection``, which the experiment engine trains."""
+    if isinstance(stage, StageSection):
+        return stage
+    return StageSection(
+        name=stage.name, objective=stage.objective, adapter=stage.adapter, trainable=list(stage.trainable),
+        train=stage.train, options=stage_options(stage).model_dump(),
+    )  # fmt: skip
+
+
+def stage_options(stage: Any) -> StageOptions:
+    """The stage's options validated as ``StageOptions``."""
+    options = stage.options
+    return options if isinstance(options, StageOptions) else StageOptions.model_validate(dict(options or {}))
+
+
+def lm_copy(lm: Any) -> Any:
+    """A copy of a causal LM that shares its weights: adapters added to the copy never reach ``lm``."""
+    shared = {id(tensor): tensor for tensor in (*lm.parameters(), *lm.buffers())}
+    return copy.deepcopy(lm, memo=shared)
+
+
 def build_model(
     backbone: Backbone, task: str, num_classes: int, pooling: str, cached_layers: int = 0, seed: int = 0
 ) -> ClinicalModel:
-    """Return the backbone's LM with a freshly (seeded) initialised head; base weights are frozen."""
+    """Return a copy of the backbone's LM (frozen weights shared) with a freshly (seeded) initialised head."""
     layers = int(backbone.model.config.num_hidden_layers)
     if cached_layers >= layers:
         raise StageError(
             f"backbone.options.cached_layers is {cached_layers} but the backbone has {layers} layers; "
             f"use at most {layers - 1} so the adapters have layers to live in"
         )
-    model = ClinicalModel(backbone.model, num_outputs(task, num_classes), pooling=pooling, seed=seed)
-    model.cached_layers = cached_layers
     for parameter in backbone.model.parameters():
         parameter.requires_grad_(False)
+    model = ClinicalModel(lm_copy(backbone.model), num_outputs(task, num_classes), pooling=pooling, seed=seed)
+    model.cached_layers = cached_layers
     return model
 
 
@@ -102,7 +137,6 @@ def lm_data(
     batch_size: int = 8,
 ) -> LMBlocks:
     """Pack notes (each followed by EOS) into full blocks; attach cached prefix states when enabled."""
-    wanted = max_blocks if max_blocks is not None else None
     # Tokenise only as many notes as the blocks need (plus one for the cut), a few at a time.
     token_lists: list[list[int]] = []
     total = 0
@@ -110,15 +144,35 @@ def lm_data(
         part = encode_notes(tokenizer, texts[start : start + 32])
         token_lists += part
         total += sum(len(t) + 1 for t in part)
-        if wanted is not None and total >= (wanted + 1) * block_length:
+        if max_blocks is not None and total >= (max_blocks + 1) * block_length:
             break
     blocks = pack_blocks(token_lists, block_length, int(tokenizer.eos_token_id), max_blocks=max_blocks)
     prefix = LMBlocks.prefix_of(model, blocks, batch_size) if model.cached_layers and len(blocks) else None
     return LMBlocks(blocks, prefix)
 
 
-def check_cached_layers(model: ClinicalModel) -> None:
-    """Raise when an adapter or a trainable parameter feeds the cached prefix states (they would go stale).
+def lm_adapter(model: ClinicalModel, spec: Any, stage: str) -> Any:
+    """The stage's adapter with its targets (module names of the LM) resolved to the modules they select,
+    written as paths of ``model`` (``lm.<path>``): the adapter lives in the LM, never on the head."""
+    if spec is None:
+        return None
+    if not spec.targets:
+        raise StageError(f"stage '{stage}': give adapter.targets (LM module names, e.g. [q_proj, v_proj])")
+    modules = list(logical_modules(model.lm))
+    for target in spec.targets:
+        if not any(matches(target, item.name, item.module) for item in modules):
+            leaves = sorted({item.name.rsplit(".", 1)[-1] for item in modules})
+            raise StageError(
+                f"stage '{stage}': adapter target '{target}' matches no module of the LM; its module "
+                f"names end in {', '.join(leaves[:12])}, ..."
+            )
+    chosen = [item.name for item in modules if any(matches(t, item.name, item.module) for t in spec.targets)]
+    return replace(spec, targets=[f"lm.{name}" for name in chosen])
+
+
+def check_cached_layers(model: ClinicalModel, adding: Sequence[str] = ()) -> None:
+    """Raise when an adapter (present, or about to go on the LM modules ``adding``) or a trainable
+    parameter feeds the cached prefix states (they would go stale).
 
     Everything that runs before decoder layer ``cached_layers`` counts: the bottom layers, the token
     embeddings and any other module outside the layers above, the final norm and the LM head. Such a
@@ -135,11 +189,11 @@ def check_cached_layers(model: ClinicalModel) -> None:
         if id(module) in fresh:
             continue
         trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not (isinstance(module, AdaptedLayer) or trainable):
+        adapted = isinstance(module, AdaptedLayer) or name in adding
+        if not (adapted or trainable):
             continue
         match = _LAYER.search(name + ".")
         where = f"sits in layer {match.group(1)}" if match else "sits before the decoder layers"
-        adapted = isinstance(module, AdaptedLayer)
         what = f"adapter on '{name}'" if adapted else f"trainable parameter '{name}.{trainable[0]}'"
         raise StageError(
             f"{what} {where}, below backbone.options.cached_layers = {cached}, so the cached states "
@@ -152,11 +206,14 @@ def _inner(model: Any) -> ClinicalModel:
     return getattr(model, "module", model)  # DDP / FSDP wrappers keep the model in .module
 
 
-def _lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal-LM loss of a batch of packed blocks (from cached prefix states when the batch has them)."""
     return _inner(model).lm_loss(batch["input_ids"], None, batch.get("prefix"))
 
 
-class _ClassificationLoss:
+class ClassificationLoss:
+    """The task's classification loss of a batch, with optional class weights."""
+
     def __init__(self, task: str, weights: torch.Tensor | None) -> None:
         self.task, self.weights = task, weights
 
@@ -166,64 +223,7 @@ class _ClassificationLoss:
         return classification_loss(logits, batch["labels"], self.task, weights)
 
 
-def train_stage(
-    model: ClinicalModel,
-    stage: Stage,
-    data: ClassificationSet | LMBlocks,
-    task: str,
-    pad_id: int,
-    run_dir: Path | None = None,
-    resume: bool = False,
-    seed: int = 0,
-    val_data: ClassificationSet | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Add the stage's adapter, choose what trains and run the core training loop.
-
-    Returns:
-        The core ``TrainResult`` (its history holds the stage's metrics.jsonl rows).
-    """
-    if stage.adapter is not None and stage.name not in adapter_names(model.lm):
-        add_adapter(model.lm, stage.adapter, name=stage.name)
-    unknown = [n for n in stage.trainable if n not in adapter_names(model.lm)]
-    if unknown:
-        raise StageError(
-            f"stage '{stage.name}' trains adapter(s) {unknown} that the model does not have "
-            f"(it has {adapter_names(model.lm)}); add them in an earlier stage"
-        )
-    set_trainable(model.lm, list(stage.trainable))
-    check_cached_layers(model)  # after set_trainable: it sees what this stage really trains
-    head = stage.objective == "classification"
-    model.classifier.requires_grad_(head)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise StageError(
-            f"stage '{stage.name}' has nothing to train; give it an adapter or trainable adapters"
-        )
-    if len(data) == 0:
-        raise StageError(f"stage '{stage.name}' has no training data; lower max_length or add notes")
-    if head:
-        weights = None
-        if stage.options.class_weights:
-            labels = data.labels.numpy()
-            weights = torch.tensor(class_weights(labels, task), dtype=torch.float32)
-        loss_fn: Any = _ClassificationLoss(task, weights)
-    else:
-        loss_fn, val_data = _lm_loss, None
-    return train(
-        model,
-        data,
-        loss_fn,
-        config=stage.train,
-        val_data=val_data if stage.train.early_stopping_patience or stage.train.eval_every else None,
-        run_dir=run_dir,
-        resume=resume,
-        collate_fn=PadCollate(pad_id),
-        seed=seed,
-        progress=progress,
-    )
-
-
-def score(model: ClinicalModel, data: ClassificationSet, task: str, pad_id: int, batch_size: int = 16):
+def score(model: ClinicalModel, data: Any, task: str, pad_id: int, batch_size: int = 16):
     """Return ``(y_true, y_score)`` of the model on a classification set."""
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=PadCollate(pad_id))
     return predict_scores(model, loader, task)
@@ -234,41 +234,65 @@ def perplexity_of(model: ClinicalModel, data: LMBlocks, batch_size: int, bootstr
     return held_out_perplexity(model, data.blocks, batch_size, bootstrap, seed, prefix=data.prefix)
 
 
-def save_adapters(model: ClinicalModel, directory: Path, head_info: dict[str, Any]) -> dict[str, int]:
-    """Save every adapter of ``model.lm`` (native, plus HF peft format for LoRA) and the head.
+def save_adapters(
+    model: ClinicalModel, bare_lm: Any, directory: Path, head_info: dict[str, Any], heads: Sequence[str] = ()
+) -> dict[str, int]:
+    """Save every adapter as a recipe run does: ``<adapter>/`` (native, the head inside for the adapters
+    named in ``heads``), then :func:`save_exports`. Returns bytes on disk per saved folder."""
+    sizes = {}
+    for name in adapter_names(model):
+        extra = [HEAD] if name in heads else None
+        sizes[name] = (
+            (save_adapter(model, Path(directory) / name, name, extra=extra) / WEIGHTS).stat().st_size
+        )
+    return {**sizes, **save_exports(model, bare_lm, directory, head_info)}
 
-    Layout: ``<directory>/<adapter>/`` (native), ``<directory>/<adapter>/peft/`` (HF peft, loads with
-    ``peft.PeftModel.from_pretrained(base_lm, path)``), ``<directory>/classifier/`` (head + head.json).
+
+def save_exports(
+    model: ClinicalModel, bare_lm: Any, directory: Path, head_info: dict[str, Any]
+) -> dict[str, int]:
+    """Write each LoRA adapter in HF peft's format against the bare LM, and the head on its own.
+
+    ``<directory>/<adapter>/peft/`` loads with ``peft.PeftModel.from_pretrained(base_lm, path)``;
+    ``<directory>/classifier/`` holds the head and head.json (pooling, task, class names, adapter order).
+    ``bare_lm`` is a copy of the backbone's LM without adapters (see :func:`lm_copy`); it receives them.
 
     Returns:
-        Bytes on disk per saved folder (``<adapter>``, ``<adapter>/peft``, ``classifier``).
+        Bytes on disk per saved folder (``<adapter>/peft``, ``classifier``).
     """
     sizes: dict[str, int] = {}
-    for name, spec in adapter_specs(model.lm).items():
-        target = save_adapter(model.lm, Path(directory) / name, name=name)
-        sizes[name] = (target / "adapter_model.safetensors").stat().st_size
-        if isinstance(spec, LoRA):
-            peft_dir = save_adapter(model.lm, Path(directory) / name / "peft", name=name, format="peft")
-            sizes[f"{name}/peft"] = (peft_dir / "adapter_model.safetensors").stat().st_size
-    head_dir = Path(directory) / HEAD_DIR
+    for name, spec in adapter_specs(model).items():
+        if not isinstance(spec, LoRA):
+            continue
+        trained = {p.removeprefix("lm."): w.adapters[name] for p, w in wrappers(model) if name in w.adapters}
+        add_adapter(bare_lm, replace(spec, targets=[f"re:{re.escape(path)}" for path in trained]), name=name)
+        for path, wrapper in wrappers(bare_lm):
+            if name in wrapper.adapters:
+                wrapper.adapters[name].load_state_dict(trained[path].state_dict())
+        folder = save_adapter(bare_lm, Path(directory) / name / "peft", name=name, format="peft")
+        sizes[f"{name}/peft"] = (folder / WEIGHTS).stat().st_size
+    head_dir = Path(directory) / HEAD
     head_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.classifier.state_dict().items()}
     save_file(state, str(head_dir / "classifier.safetensors"), metadata={"format": "pt"})
-    info = {"pooling": model.pooling, "outputs": model.classifier.out_features, **head_info}
+    info = {"pooling": model.pooling, "outputs": model.classifier.out_features,
+            "adapters": adapter_names(model), **head_info}  # fmt: skip
     (head_dir / "head.json").write_text(json.dumps(info, indent=2))
-    sizes[HEAD_DIR] = (head_dir / "classifier.safetensors").stat().st_size
+    sizes[HEAD] = (head_dir / "classifier.safetensors").stat().st_size
     return sizes
 
 
-def load_adapters(model: ClinicalModel, directory: Path, names: list[str]) -> None:
-    """Load saved adapters (in the order given: the order they compose) and the head into ``model``."""
-    for name in names:
-        load_adapter(model.lm, Path(directory) / name, name=name)
-    head = Path(directory) / HEAD_DIR / "classifier.safetensors"
+def load_adapters(model: ClinicalModel, directory: Path, names: list[str] | None = None) -> None:
+    """Load saved adapters (native folders, in the order they compose; default: head.json's order) and
+    the head into a fresh ``model``."""
+    head = Path(directory) / HEAD / "classifier.safetensors"
     if not head.is_file():
         raise FileNotFoundError(f"{head} is missing; the adapters folder has no classification head")
+    info = json.loads((head.parent / "head.json").read_text())
+    for name in names if names is not None else info.get("adapters", []):
+        load_adapter(model, Path(directory) / name, name=name)
     model.classifier.load_state_dict(load_file(str(head)), strict=True)
-    model.pooling = json.loads((head.parent / "head.json").read_text())["pooling"]
+    model.pooling = info["pooling"]
 
 
 def describe_notes(notes: Notes, splits: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from pipelines.clinical.backbones import load_backbone
-from pipelines.clinical.stages import Stage, StageError, build_model, check_cached_layers, train_stage
+from pipelines.clinical.data import Notes
+from pipelines.clinical.experiment import ClinicalExperiment
+from pipelines.clinical.stages import StageError, build_model, check_cached_layers
 from pipelines.clinical.tokens import LMBlocks
-from pipelines.core.peft import LoRA, add_adapter
+from pipelines.core.peft import LoRA, adapter_names, add_adapter
+from pipelines.core.registry import create_pipeline
 
 BLOCKS = torch.randint(3, 259, (4, 8), generator=torch.Generator().manual_seed(0))
 
@@ -18,12 +21,20 @@ def _model(cached: int = 1):
     return build_model(load_backbone("tiny-random-llama"), "binary", 2, "last", cached_layers=cached)
 
 
-def test_a_lora_on_the_embeddings_makes_the_cache_stale_and_is_refused():
-    model = _model()
-    prefix = LMBlocks.prefix_of(model, BLOCKS)
-    stage = Stage("domain", "causal_lm", LoRA(r=2, alpha=4, targets=["embed_tokens"]), ["domain"])
+def test_a_lora_on_the_embeddings_makes_the_cache_stale_and_is_refused_before_it_is_added(synthetic_notes):
+    ids, texts, labels = synthetic_notes(n=8)
+    pipe = create_pipeline(
+        "clinical/two_stage", backbone="tiny-random-llama", backbone_options={"cached_layers": 1},
+        domain_adapter={"method": "lora", "r": 2, "alpha": 4, "targets": ["embed_tokens"]},
+        task_adapter=None, block_length=8, progress=False,
+    )  # fmt: skip
+    hooks = ClinicalExperiment.for_notes(pipe, Notes(ids, texts, labels, "binary", ["no", "yes"]))
+    model = hooks.new_model()
     with pytest.raises(StageError, match=r"adapter on 'model\.embed_tokens' sits before the decoder layers"):
-        train_stage(model, stage, LMBlocks(BLOCKS, prefix), "binary", pad_id=0, progress=False)
+        hooks.plan_stage(model, pipe.stages[0], 0)
+    assert adapter_names(model) == []  # refused before the model changed
+    prefix = LMBlocks.prefix_of(model, BLOCKS)
+    add_adapter(model.lm, LoRA(r=2, alpha=4, targets=["embed_tokens"]), "domain")
     with torch.no_grad():  # why: once the adapter is non-zero the cached states no longer match
         for name, parameter in model.lm.named_parameters():
             if ".adapters.domain." in name:

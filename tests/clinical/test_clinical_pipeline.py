@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,8 +12,10 @@ import torch
 import yaml
 
 from pipelines.clinical.backbones import load_backbone
+from pipelines.clinical.experiment import ClinicalExperiment
 from pipelines.clinical.pipeline import ClinicalTwoStagePipeline
-from pipelines.clinical.stages import StageError, classification_data, lm_data, load_adapters, score
+from pipelines.clinical.stages import StageError, classification_data, load_adapters, score
+from pipelines.core.experiment import train_candidate
 from pipelines.core.peft import adapter_names
 from pipelines.core.registry import create_pipeline
 
@@ -51,24 +54,26 @@ def _domain_tensors(model) -> dict[str, torch.Tensor]:
 
 def test_stage_two_with_a_frozen_domain_adapter_leaves_it_bit_identical(frame):
     pipe = _pipeline(train_domain=False)
-    notes = pipe._notes(frame)
-    model = pipe.new_model(2)
-    tokenizer = pipe.backbone.tokenizer
-    train_set = classification_data(model, tokenizer, notes, 48)
-    lm_sets = {32: lm_data(model, tokenizer, notes.texts, 32, None)}
-    domain, task = pipe.stages
-    first = pipe.train_stages(model, [domain], train_set, lm_sets)["domain"]
+    hooks = ClinicalExperiment.for_notes(pipe, pipe._notes(frame))
+    after_domain = []
+    hooks.after_stage = lambda model, stage, result: after_domain.append(_domain_tensors(model))
+    trained = train_candidate(hooks, pipe.stages, "fit", Path("unused"), False, pipe.seed, False)
+    first, second = trained.results
     losses = [row["loss"] for row in first.history if "loss" in row]
     assert losses[-1] < losses[0]  # the causal-LM objective learns the notes
-    before = _domain_tensors(model)
+    before = after_domain[0]
     assert before and any(".lora_B." in n and p.abs().sum() > 0 for n, p in before.items())
-    second = pipe.train_stages(model, [task], train_set, lm_sets)["task"]
     losses = [row["loss"] for row in second.history if "loss" in row]
     assert losses[-1] < losses[0]
-    after = _domain_tensors(model)
+    after = _domain_tensors(trained.model)
     assert all(torch.equal(before[n], after[n]) for n in before)
-    assert adapter_names(model.lm) == ["domain", "task"]
-    task_b = next(p for n, p in model.lm.named_parameters() if ".task." in n and "lora_B" in n)
+    assert adapter_names(trained.model) == ["domain", "task"]
+    assert trained.parameters["trainable"] == sum(  # the head and both adapters, each trained once
+        p.numel()
+        for n, p in trained.model.named_parameters()
+        if ".adapters." in n or n.startswith("classifier.")
+    )
+    task_b = next(p for n, p in trained.model.lm.named_parameters() if ".task." in n and "lora_B" in n)
     assert task_b.abs().sum() > 0
 
 
@@ -130,6 +135,7 @@ def test_cached_layers_refuse_adapters_below_them(frame):
 
 
 def test_quick_recipe_runs_end_to_end_with_baselines_and_private_outputs(frame, tmp_path):
+    from pipelines.core.recipe import load_recipe
     from pipelines.core.runner import run_recipe
 
     notes_file = tmp_path / "notes.csv"
@@ -182,6 +188,13 @@ def test_quick_recipe_runs_end_to_end_with_baselines_and_private_outputs(frame, 
         if file.is_file() and file.suffix in (".json", ".jsonl", ".md", ".yaml", ".safetensors"):
             assert b"PRIVATE" not in file.read_bytes(), file
     assert (run_dir / "adapters" / "domain" / "peft" / "adapter_config.json").is_file()
+    assert report["extra"]["models"]["two_stage"]["reload_identical"] is True
+    # lab code after a recipe run: load() gives the run's primary model back
+    pipe = ClinicalTwoStagePipeline.from_recipe(load_recipe(run_dir / "recipe.yaml"))
+    pipe.load(run_dir / "adapters")
+    notes = pd.read_csv(notes_file)
+    test = notes[notes["note_id"].isin(splits["ids"]["test"])]
+    assert pipe.evaluate(test)["auroc"].value == report["results"]["two_stage"]["auroc"]["value"]
 
 
 def test_mtsamples_recipe_path_on_a_tiny_backbone(mirror, tmp_path):
