@@ -28,6 +28,7 @@ __all__ = [
     "npz_records",
     "folder_records",
     "csv_records",
+    "label_key",
     "subsample",
     "split_records",
     "build_transforms",
@@ -174,7 +175,8 @@ def csv_records(path: Path, image_column: str = "image", label_column: str = "la
     return records
 
 
-def _label_key(record: dict) -> Any:
+def label_key(record: dict) -> Any:
+    """A record's class as a hashable key: the int, or a tuple of a multi-label row."""
     label = record["label"]
     return label if isinstance(label, int) else tuple(np.asarray(label).tolist())
 
@@ -193,7 +195,7 @@ def subsample(
     Returns:
         The kept records.
     """
-    labels = [_label_key(record) for record in records]
+    labels = [label_key(record) for record in records]
     return [records[i] for i in low_data_indices(len(records), labels, fraction, shots_per_class, seed)]
 
 
@@ -203,7 +205,7 @@ def split_records(records: list[dict], val: float = 0.1, test: float = 0.2, seed
         return {s: [r for r in records if r["split"] == s] for s in ("train", "val", "test")}
     by_class: dict[Any, list[dict]] = defaultdict(list)
     for record in records:
-        by_class[_label_key(record)].append(record)
+        by_class[label_key(record)].append(record)
     rng = random.Random(seed)
     splits: dict[str, list] = {"train": [], "val": [], "test": []}
     for key in sorted(by_class, key=str):

@@ -18,9 +18,15 @@ __all__ = [
     "sensitivity",
     "specificity",
     "THRESHOLD_METRICS",
+    "DEFAULT_METRICS",
 ]
 
 THRESHOLD_METRICS = ("sensitivity", "specificity", "accuracy", "f1")
+DEFAULT_METRICS = {
+    "binary": ["auroc", "accuracy", "f1", "sensitivity", "specificity"],
+    "multiclass": ["auroc", "accuracy", "f1_macro"],
+    "multilabel": ["auroc", "f1_macro"],
+}
 
 
 def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:

@@ -1,10 +1,15 @@
 """The ``imaging/classification`` pipeline: adapters on ViT and CNN backbones, trained on MONAI data.
 
-From a recipe, ``run`` trains the recipe's stages (the primary model) and each baseline in ``compare``
-(``linear_probe``, ``full_finetune`` or another adapter method with the backbone's default targets) on
-the same data, seed and budget; picks each model's threshold on validation (Youden's J) and scores the
-test split with bootstrap intervals. ``data.options.sweep_fractions`` repeats all of it at several
-training-set fractions (the low-data experiment of Dutt et al. 2024) in one report.
+From a recipe, ``run`` hands the experiment to the core engine (:mod:`pipelines.core.experiment`) with
+this domain's hooks (:mod:`pipelines.imaging.experiment`): it trains the recipe's stages (the primary
+model) and each baseline in ``compare`` on the same data, seed and budget, picks each model's threshold on
+validation (Youden's J) and scores the test split with bootstrap intervals. A ``compare`` entry is
+``linear_probe``, ``full_finetune``, an adapter method by name (``lora``, ``ssf``, ``bitfit``, ``norm``,
+``bottleneck``, ``prompt``, ``ia3``: the method's default spec on this backbone, recorded in the report's
+``extra.baselines``) or a full spec such as ``{method: lora, r: 16, targets: [qkv]}``, whose empty
+targets mean the backbone family's defaults. ``data.options.sweep_fractions`` repeats all of it at several
+training-set fractions (the low-data experiment of Dutt et al. 2024) in one report
+(:mod:`pipelines.imaging.sweep`).
 
 From lab code::
 
@@ -16,7 +21,6 @@ From lab code::
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +29,7 @@ from torch.utils.data import DataLoader
 from pipelines.core.evaluation import EvaluationReport, RunResult
 from pipelines.core.peft import adapter_specs, as_spec, load_adapter, save_adapter
 from pipelines.core.registry import register_pipeline
-from pipelines.core.training import TrainConfig, TrainResult, train
-from pipelines.imaging import metrics as _metrics  # noqa: F401  (registers sensitivity/specificity)
+from pipelines.core.training import TrainConfig, TrainResult
 from pipelines.imaging.backbones import load_backbone
 from pipelines.imaging.data import (
     PNEUMONIAMNIST,
@@ -36,9 +39,9 @@ from pipelines.imaging.data import (
     make_dataset,
 )
 from pipelines.imaging.methods import BASELINES, build_classifier
-from pipelines.imaging.model import HEAD, classification_loss, predict_scores
+from pipelines.imaging.metrics import DEFAULT_METRICS  # importing it registers sensitivity/specificity
+from pipelines.imaging.model import HEAD, predict_scores
 from pipelines.imaging.options import DataOptions, ImagingOptions, StageOptions
-from pipelines.imaging.runs import run_recipe_pipeline
 
 __all__ = [
     "ImagingOptions",
@@ -47,12 +50,6 @@ __all__ = [
     "ImagingClassificationPipeline",
     "DEFAULT_METRICS",
 ]
-
-DEFAULT_METRICS = {
-    "binary": ["auroc", "accuracy", "f1", "sensitivity", "specificity"],
-    "multiclass": ["auroc", "accuracy", "f1_macro"],
-    "multilabel": ["auroc", "f1_macro"],
-}
 
 
 @register_pipeline(
@@ -63,6 +60,7 @@ class ImagingClassificationPipeline:
 
     OBJECTIVES = ("classification",)
     BASELINES = BASELINES
+    SPEC_BASELINES = True  # a compare entry may be a full adapter spec (the engine trains it)
     DATASETS = (PNEUMONIAMNIST.name,)
 
     def __init__(
@@ -122,6 +120,20 @@ class ImagingClassificationPipeline:
         self.threshold: float | None = None
 
     @classmethod
+    def check_recipe(cls, recipe: Any) -> list[tuple[str, str]]:
+        """Refuse low-data fields a sweep would override, and sweep fractions outside (0, 1]."""
+        fractions = recipe.data.options.get("sweep_fractions")
+        if not fractions:
+            return []
+        problems = [("data.options.sweep_fractions", f"has {f}; every fraction must be in (0, 1]")
+                    for f in fractions if not 0 < f <= 1]  # fmt: skip
+        if recipe.data.fraction != 1.0:
+            problems.append(("data.fraction", "data.options.sweep_fractions sets the fraction; remove one"))
+        if recipe.data.shots_per_class is not None:
+            problems.append(("data.shots_per_class", "a sweep over fractions cannot also fix the shots"))
+        return problems
+
+    @classmethod
     def from_recipe(cls, recipe) -> ImagingClassificationPipeline:
         """Build the pipeline from a validated recipe."""
         from pipelines.core.recipe import pipeline_options
@@ -172,22 +184,21 @@ class ImagingClassificationPipeline:
         return data
 
     def fit(self, train_data, val=None, run_dir: Path | None = None) -> TrainResult:
-        """Train on a dataset of ``{"image", "label"}`` dicts (or records); pick the threshold on ``val``."""
-        model = self.model or self.build_model()
-        train_set, val_set = (
-            self._dataset(train_data, True),
-            self._dataset(val, False) if val is not None else None,
-        )
-        watch = self.train_config.early_stopping_patience or self.train_config.eval_every
-        result = train(
-            model, train_set, classification_loss, self.train_config, val_data=val_set if watch else None,
-            run_dir=run_dir, collate_fn=collate, seed=self.seed, progress=False,
-        )  # fmt: skip
-        if val_set is not None and self.task == "binary":
-            from pipelines.imaging.metrics import youden_threshold
+        """Train on a dataset of ``{"image", "label"}`` dicts (or records); pick the threshold on ``val``.
 
-            self.threshold = youden_threshold(*predict_scores(model, self._loader(val_set)))
-        return result
+        The model trains as a recipe's stage does (the engine's ``train_candidate`` with this pipeline's
+        hooks); with ``run_dir`` its checkpoints go to ``run_dir/train/<name>/<name>/``.
+        """
+        from pipelines.core.experiment import train_candidate
+        from pipelines.imaging.experiment import ImagingExperiment
+
+        train_set = self._dataset(train_data, True)
+        val_set = self._dataset(val, False) if val is not None else None
+        hooks, stage = ImagingExperiment.for_datasets(self, train_set, val_set, run_dir is not None)
+        root = Path(run_dir) if run_dir is not None else Path()
+        trained = train_candidate(hooks, [stage], self.name, root, False, self.seed, False)
+        self.threshold = trained.details["evaluate"].get("threshold", self.threshold)
+        return trained.results[0]
 
     def _loader(self, dataset) -> DataLoader:
         size = self.options.data.eval_batch_size
@@ -223,6 +234,13 @@ class ImagingClassificationPipeline:
 
     # ----- recipe path --------------------------------------------------------------------------------
     def run(self, run_dir: Path, resume: bool = False) -> RunResult:
-        """Train the recipe's stages and baselines, score them on test and return the report's content."""
-        started = time.perf_counter()
-        return run_recipe_pipeline(self, Path(run_dir), resume, started)
+        """Run the recipe through the core experiment engine with this domain's hooks (once per sweep
+        fraction when ``data.options.sweep_fractions`` is set)."""
+        from pipelines.core.experiment import run_experiment
+        from pipelines.imaging.experiment import ImagingExperiment
+        from pipelines.imaging.sweep import run_sweep
+
+        hooks, fractions = ImagingExperiment(self), self.options.data.sweep_fractions
+        if fractions is None:
+            return run_experiment(hooks, self.recipe, Path(run_dir), resume)
+        return run_sweep(hooks, self.recipe, fractions, Path(run_dir), resume)

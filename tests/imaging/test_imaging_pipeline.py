@@ -73,7 +73,7 @@ def test_recipe_run_trains_lora_and_baselines_and_writes_the_report(tmp_path, np
     assert params["lora"]["trainable"] == 66 + lora_extra
     assert report["backbone"]["weights"] == "random initialisation"
     assert report["dataset"]["splits"] == {"train": 48, "val": 16, "test": 20}
-    assert any("identical logits" in note for note in report["notes"])
+    assert any("identical outputs" in note for note in report["notes"])  # the engine's reload check
     assert (run_dir / "adapters" / "task" / "adapter_model.safetensors").is_file()
     assert (run_dir / "roc.png").is_file()
     rows = (run_dir / "train" / "lora" / "task" / "metrics.jsonl").read_text().splitlines()
@@ -87,6 +87,42 @@ def test_low_data_sweep_reports_every_model_at_every_fraction(tmp_path, npz_file
     assert set(report["results"]) == {"lora@25%", "linear_probe@25%", "lora@100%", "linear_probe@100%"}
     assert report["headline"]["model"] == "lora@100%"
     assert report["dataset"]["train_sizes_per_fraction"] == {"25%": 12, "100%": 48}
+    run_dir = next((tmp_path / "runs" / "tiny_vit_lora").iterdir())  # adapters where `export` looks
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["task-100pct", "task-25pct"]
+    assert report["adapter"]["path"] == str(run_dir / "adapters" / "task-100pct")
+
+
+def test_a_sweep_refuses_the_low_data_fields_it_overrides(tmp_path, npz_file, tiny_vit):
+    from pipelines.core.recipe import validate_recipe_file
+
+    recipe = _recipe(tmp_path, npz_file, tiny_vit, "[]", ", sweep_fractions: [0.5, 1.5]")
+    errors = validate_recipe_file(recipe, ["data.fraction=0.5", "data.shots_per_class=2"])
+    assert sorted(error.path for error in errors) == [
+        "data.fraction", "data.options.sweep_fractions", "data.shots_per_class"
+    ]  # fmt: skip
+    assert "has 1.5; every fraction must be in (0, 1]" in str(errors)
+
+
+def test_compare_takes_full_adapter_specs_with_explicit_or_default_targets(tmp_path, npz_file, tiny_vit):
+    from pipelines.core.recipe import load_recipe
+    from pipelines.imaging.pipeline import ImagingClassificationPipeline
+
+    recipe = load_recipe(_recipe(tmp_path, npz_file, tiny_vit, "[lora]"))
+    specs = [
+        {"method": "lora", "r": 2, "targets": ["fc1"]},
+        {"method": "lora", "r": 2, "alpha": 4, "targets": []},
+    ]
+    recipe = recipe.model_copy(update={"compare": specs})
+    result = ImagingClassificationPipeline.from_recipe(recipe).run(tmp_path / "run")
+    assert list(result.results) == ["lora", "lora_r2", "lora_r2_alpha4"]
+    head = 32 * 2 + 2
+    assert result.parameters["lora_r2"]["trainable"] == head + 2 * (2 * 32 + 128 * 2)  # fc1: 32 -> 128
+    assert result.parameters["lora_r2_alpha4"]["trainable"] == head + 2 * (2 * 32 + 96 * 2)  # default: qkv
+    facts = result.info["extra"]["baselines"]
+    assert facts["lora_r2"]["adapter"]["targets"] == ["fc1"] and facts["lora_r2"]["adapted_modules"] == 2
+    assert (
+        facts["lora_r2_alpha4"]["adapter"]["alpha"] == 4 and facts["lora_r2_alpha4"]["adapted_modules"] == 2
+    )
 
 
 def test_lab_code_ssf_on_a_monai_densenet_keeps_the_backbone_frozen(tmp_path, tiny_densenet):
