@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
-from pipelines.core.recipe import validate_recipe_file
+from pipelines.core.evaluation.report import REPORT_SCHEMA
+from pipelines.core.experiment import compare_label
+from pipelines.core.recipe import Recipe, validate_recipe_file
 from pipelines.core.registry import demo_recipes
+from pipelines.core.runner import run_recipe
 
 # domain -> the generic low-data fields its demo recipe refuses (with the reason's first words)
 REFUSED = {
@@ -32,3 +38,57 @@ def test_low_data_fields_are_honoured_or_refused_at_validate(domain, field, valu
 
 def test_every_domain_is_in_the_conformance_table():
     assert sorted(demo_recipes()) == sorted(REFUSED)
+
+
+# ----- the run-level contract, on each ported pipeline's tiny configuration ----------------------------
+
+
+def _protein_recipe(tmp_path) -> dict:
+    """A tiny random ESM-2 on 60 toy sequences whose target counts W: 48 train, 12 test."""
+    rng = np.random.default_rng(0)
+    rows = ["sequence,target,set"]
+    for i in range(60):
+        body = list(rng.choice(list("ACDEFGHILMNPQRSTVY"), size=16))
+        for _ in range(int(rng.integers(0, 4))):
+            body[int(rng.integers(16))] = "W"
+        rows.append(f"{''.join(body)},{''.join(body).count('W')},{'test' if i >= 48 else 'train'}")
+    (tmp_path / "toy.csv").write_text("\n".join(rows) + "\n")
+    lora = {"method": "lora", "r": 2, "alpha": 4, "targets": ["q", "v"]}
+    return {
+        "name": "conformance", "pipeline": "protein/sequence", "backbone": {"name": "esm2_tiny_random"},
+        "data": {"dataset": str(tmp_path / "toy.csv"), "task": "regression"},
+        "stages": [{"name": "task", "objective": "regression", "adapter": lora,
+                    "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-2}}],
+        "evaluation": {"bootstrap": 20},
+        "compare": ["one_hot", {"method": "lora", "r": 4, "targets": ["q"]}],
+        "output_dir": str(tmp_path / "runs"),
+    }  # fmt: skip
+
+
+TINY = {"protein": _protein_recipe}
+
+
+def _run(recipe: dict) -> dict:
+    run_dir = run_recipe(Recipe.model_validate(recipe))
+    return json.loads((run_dir / "report.json").read_text())
+
+
+@pytest.mark.parametrize("domain", sorted(TINY))
+def test_a_run_honours_the_recipe_contract(domain, tmp_path):
+    """fraction halves the recorded training set, trained baselines take the primary's steps, a spec in
+    compare trains as written, the report follows the schema, trainable fraction is trainable / total."""
+    import jsonschema
+
+    recipe = TINY[domain](tmp_path)
+    recipe["data"]["fraction"] = 0.5
+    report = _run(recipe)
+    jsonschema.validate(report, json.loads(REPORT_SCHEMA.read_text()))
+    low_data = report["dataset"]["low_data"]
+    assert low_data["fraction"] == 0.5 and low_data["train_used"] == round(0.5 * low_data["train_full"])
+    steps = {label: entry["steps"] for label, entry in report["extra"]["models"].items() if entry["steps"]}
+    primary = report["headline"]["model"]
+    assert len(steps) >= 2 and set(steps.values()) == {steps[primary]}
+    spec_label = compare_label(recipe["compare"][-1])
+    assert spec_label in report["results"] and spec_label in steps
+    for label, count in report["parameters"].items():
+        assert count["fraction"] == pytest.approx(count["trainable"] / count["total"]), label

@@ -14,7 +14,8 @@ pipeline validates them with the options model it registered::
 A pipeline reads the validated model with :func:`pipeline_options` in its ``from_recipe``. An options
 model without a ``data`` field (say) means the pipeline takes no data options; a recipe giving some is
 an error. A pipeline class may also declare ``OBJECTIVES``, ``BASELINES`` and ``DATASETS`` (tuples of
-names) to have ``stages[i].objective``, ``compare`` and ``data.dataset`` checked at validation time, and a
+names) to have ``stages[i].objective``, ``compare`` and ``data.dataset`` checked at validation time,
+``SPEC_BASELINES = True`` when it trains ``compare`` entries given as adapter specs, and a
 ``check_recipe(recipe)`` class method returning ``(yaml path, reason)`` pairs for the fields it cannot
 honour (say, ``data.shots_per_class`` on a regression task): every field is honoured or refused here,
 never silently ignored.
@@ -150,7 +151,11 @@ class Recipe(_Section):
     data: DataSection = Field(description="The dataset and task.")
     stages: list[StageSection] = Field(min_length=1, description="Training stages, run in order.")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection, description="Scoring.")
-    compare: list[str] = Field(default_factory=list, description="Pipeline-defined baselines to run as well.")
+    compare: list[str | AdapterSpec] = Field(
+        default_factory=list,
+        description="Baselines on the same data, seed and budget: a pipeline-defined name, or an adapter "
+        "spec trained exactly as written with the last stage's objective and training settings.",
+    )
     output_dir: str = Field("runs", description="Folder that receives the run directories.")
 
     _source: Path | None = PrivateAttr(default=None)
@@ -290,6 +295,11 @@ def check_pipeline(
             errors.append(error(["stages", str(index), "objective"], message, objectives, stage.objective))
     baselines = getattr(entry.cls, "BASELINES", None)
     for index, baseline in enumerate(recipe.compare):
+        if not isinstance(baseline, str):
+            if not getattr(entry.cls, "SPEC_BASELINES", False):
+                message = f"pipeline {entry.name} takes baseline names only: {', '.join(baselines or ())}"
+                errors.append(error(["compare", str(index)], message))
+            continue
         if baselines is not None and baseline not in baselines:
             message = (
                 f"pipeline {entry.name} has no baseline '{baseline}' (has: {', '.join(baselines) or 'none'})"
@@ -407,6 +417,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     for stage in data["stages"]:
         if stage["adapter"] is not None:  # the method first, as a person writes it
             stage["adapter"] = {"method": stage["adapter"]["method"], **stage["adapter"]}
+    data["compare"] = [e if isinstance(e, str) else {"method": e["method"], **e} for e in data["compare"]]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

@@ -34,16 +34,19 @@ from pipelines.core.peft import (
     load_adapter,
     save_adapter,
     set_trainable,
+    wrappers,
 )
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult, train
+from pipelines.protein import adapters
 from pipelines.protein.backbones import expand_targets, load_backbone
-from pipelines.protein.batching import MaskedLMCollator, ProteinDataset, TaskCollator
-from pipelines.protein.data import ProteinDataError, ProteinRecord, limit_length, records_from_lists
+from pipelines.protein.batching import ProteinDataset, TaskCollator
+from pipelines.protein.data import ProteinDataError, ProteinRecord, check_targets, records_from_lists
 from pipelines.protein.datasets import RESIDUE_DATASETS, SEQUENCE_DATASETS, DataOptions
 from pipelines.protein.metrics import register_protein_metrics
 from pipelines.protein.model import ProteinModel
 from pipelines.protein.options import BackboneOptions, ProteinOptions, StageOptions
+from pipelines.protein.splits import limit_length
 
 __all__ = ["ProteinOptions", "StageOptions", "BackboneOptions", "SequencePipeline", "ResiduePipeline"]
 
@@ -60,6 +63,7 @@ class _ProteinPipeline:
     LEVEL = "sequence"
     OBJECTIVES = ("masked_lm", "regression", "classification")
     BASELINES = ("one_hot", "linear_probe")
+    SPEC_BASELINES = True  # the engine trains a spec in compare like the last stage
 
     def __init__(
         self,
@@ -183,6 +187,7 @@ class _ProteinPipeline:
                 return records_from_lists(list(sequences), residue_labels=list(values))
             return records_from_lists(list(sequences), targets=list(values))
         if isinstance(data, list) and all(isinstance(r, ProteinRecord) for r in data):
+            check_targets(data)
             return data
         raise ProteinDataError(
             "protein data must be a list of ProteinRecord, a (sequences, targets) tuple or a dict with "
@@ -263,24 +268,6 @@ class _ProteinPipeline:
             run_dir=run_dir, resume=resume, collate_fn=collate, seed=self.seed, progress=False,
         )  # fmt: skip
 
-    def train_masked_lm(
-        self, model: ProteinModel, spec: Any, name: str, config: TrainConfig, sequences, val_sequences,
-        mask_probability: float = 0.15, run_dir: Path | None = None, resume: bool = False,
-        trainable: list[str] | None = None,
-    ) -> TrainResult:  # fmt: skip
-        """Evotuning: add adapter ``name`` and train it on masked-residue prediction."""
-        if spec is None:
-            raise ValueError(f"the masked_lm stage '{name}' needs an adapter (e.g. LoRA) to train")
-        add_adapter(model, spec, name=name)
-        set_trainable(model, trainable or [name])
-        vocabulary = model.vocabulary
-        return train(
-            model, ProteinDataset(sequences), lambda m, batch: m.masked_lm_loss(batch), config,
-            val_data=ProteinDataset(val_sequences) if val_sequences else None,
-            run_dir=run_dir, resume=resume, collate_fn=MaskedLMCollator(vocabulary, mask_probability),
-            seed=self.seed, progress=False,
-        )  # fmt: skip
-
     # ----- lab code -----------------------------------------------------------------------------------
     def fit(self, train_data: Any, val: Any = None, run_dir: Path | None = None) -> TrainResult:
         """Train the adapter and head on ``train_data`` (validation metrics each epoch when ``val``)."""
@@ -301,21 +288,78 @@ class _ProteinPipeline:
         y_true, y_score = self.predict(test)
         return evaluate(self.task, y_true, y_score, self.metrics, self.bootstrap, self.seed)
 
-    def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter and head (native format, safetensors) into ``directory``."""
+    def save_adapter(self, directory: str | Path, format: Literal["native", "peft"] = "native") -> Path:
+        """Write the adapter and head (safetensors) and ``protein_head.json`` into ``directory``.
+
+        ``format="peft"``: HF peft's layout, the head as ``modules_to_save`` (see
+        :func:`pipelines.protein.adapters.export_peft`).
+        """
         if self.model is None:
             raise RuntimeError("there is no trained model to save; call fit() first")
-        return save_adapter(self.model, directory, name=self.name, extra=[HEAD])
+        directory = Path(directory)
+        if format == "peft":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as scratch:
+                return adapters.export_peft(self.save_adapter(Path(scratch) / directory.name), directory)
+        save_adapter(self.model, directory, name=self.name, extra=[HEAD])
+        facts = adapters.head_facts(self.model, self.task, self.LEVEL, [directory.name], self.provenance)
+        adapters.write_head_facts(directory, facts)
+        return directory
 
     def load_adapter(self, directory: str | Path, num_classes: int | None = None) -> ProteinModel:
         """A fresh model with the adapter and head saved by :meth:`save_adapter`."""
         import torch
 
-        outputs = num_classes or self.num_classes or _saved_outputs(Path(directory))
+        outputs = num_classes or self.num_classes or adapters.saved_outputs(Path(directory))
         self.model = ProteinModel(self.load_backbone(), self.model_task(), max(2, outputs), self.pooling)
         with torch.no_grad():
             self.name = load_adapter(self.model, directory)
         return self.model
+
+    def load(self, path: str | Path) -> ProteinModel:
+        """Restore what a run folder or :meth:`save_adapter` wrote, so :meth:`predict` works after it.
+
+        Loads every stage's adapter in training order (a masked-LM stage's first), the head, its number
+        of classes and the pooling it was trained with; refuses a head of another task or level, and a
+        backbone other than the one it was trained on (when their weights can be told apart).
+        """
+        import torch
+
+        folders = adapters.adapter_folders(path)
+        head_folder = folders[-1]
+        facts = adapters.read_head_facts(head_folder) or {}
+        saved = (facts.get("task", self.task), facts.get("level", self.LEVEL))
+        if saved != (self.task, self.LEVEL):
+            raise ValueError(
+                f"{head_folder} holds a {saved[1]}-level {saved[0]} head; create the pipeline with "
+                f"task='{saved[0]}' (protein/{saved[1]}) to load it"
+            )
+        outputs = adapters.saved_outputs(head_folder)
+        backbone = self._pristine_backbone()
+        adapters.check_backbone(facts, self.provenance, head_folder)
+        self.pooling = facts.get("pooling", self.pooling)
+        model = ProteinModel(backbone, self.model_task(), max(2, outputs), self.pooling)
+        with torch.no_grad():
+            for folder in folders:
+                self.name = load_adapter(model, folder)
+        if self.task == "multiclass":
+            self.num_classes = model.num_classes
+        self.model = model
+        return model
+
+    def _pristine_backbone(self) -> nn.Module:
+        """The backbone without adapters: reloaded by name when an earlier fit or load added some."""
+        backbone = self.load_backbone()
+        if next(iter(wrappers(backbone)), None) is None:
+            return backbone
+        if not isinstance(self.backbone_spec, str):
+            raise ValueError(
+                "the backbone passed to this pipeline already holds adapters from an earlier fit or load; "
+                "create a new pipeline with a fresh backbone to load into"
+            )
+        self.backbone = None
+        return self.load_backbone()
 
     # ----- recipe path --------------------------------------------------------------------------------
     def run(self, run_dir: Path, resume: bool = False) -> RunResult:
@@ -324,21 +368,6 @@ class _ProteinPipeline:
         from pipelines.protein.experiment import ProteinExperiment
 
         return run_experiment(ProteinExperiment(self), self.recipe, Path(run_dir), resume)
-
-
-def _saved_outputs(directory: Path) -> int:
-    """Outputs of the head saved with an adapter (1 for regression, the classes otherwise)."""
-    from safetensors import safe_open
-
-    path = directory / "adapter_model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass the folder that save_adapter() wrote")
-    with safe_open(str(path), "pt") as handle:
-        if f"{HEAD}.linear.weight" not in handle.keys():
-            raise ValueError(
-                f"{path} holds no task head ({HEAD}.linear.weight); was it saved by a protein pipeline?"
-            )
-        return handle.get_slice(f"{HEAD}.linear.weight").get_shape()[0]
 
 
 def _given_provenance(backbone: nn.Module) -> dict:

@@ -23,6 +23,7 @@ from pipelines.core.evaluation.evaluate import EvaluationReport, MetricResult
 from pipelines.core.evaluation.plots import write_plots
 from pipelines.core.files import write_text_atomic
 
+REPORT_SCHEMA = Path(__file__).with_name("report.schema.json")  # the JSON Schema of report.json
 INFO_KEYS = ("backbone", "adapter", "dataset", "cost", "notes", "extra")
 REPORT_KEYS = (
     "name", "pipeline", "task", "headline", "results", "comparisons", "parameters",
