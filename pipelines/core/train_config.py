@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -30,7 +30,16 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warmup.")
     clip_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null: off.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
+        "auto",
+        description="Compute dtype. auto: bf16 autocast on CUDA, float32 elsewhere; bf16: bf16 "
+        "autocast on any device (CPU included); fp32: float32, no autocast.",
+    )
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Dtype of the frozen weights of Linear, convolution and embedding layers. auto: "
+        "bfloat16 when the compute is bf16 (cast once, in place: half the memory of a frozen backbone), "
+        "else float32; float32 keeps them float32 under bf16 autocast. Trainable parameters, adapters and "
+        "norms stay float32 either way; bfloat16 needs bf16 compute.",
     )
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps; null: at each epoch end.")
     early_stopping_patience: int | None = Field(
@@ -52,10 +61,19 @@ class TrainConfig(BaseModel):
         None, description="Device to train on; null: the model's (cuda:LOCAL_RANK under torchrun)."
     )
 
+    @model_validator(mode="after")
+    def _frozen_dtype_needs_bf16(self) -> TrainConfig:
+        if self.frozen_dtype == "bfloat16" and self.precision == "fp32":
+            raise ValueError(
+                "frozen_dtype bfloat16 needs bf16 compute; set precision: bf16 (or auto on CUDA)."
+            )
+        return self
+
 
 @dataclass
 class TrainResult:
-    """What `train` did. history holds the metrics.jsonl rows (train rows and `val_*` rows)."""
+    """What `train` did. history holds the metrics.jsonl rows (train rows and `val_*` rows);
+    precision_policy is what `core.precision.apply_precision_policy` reported for the run."""
 
     steps: int
     epochs: float
@@ -71,6 +89,7 @@ class TrainResult:
     precision: str
     checkpoint: Path | None
     notes: list[str] = field(default_factory=list)
+    precision_policy: dict[str, Any] = field(default_factory=dict)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

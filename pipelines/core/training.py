@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from pipelines.core import checkpoint as ckpt
 from pipelines.core import distributed as D
 from pipelines.core.optim import build_optimizer, build_scheduler, lr_factor
+from pipelines.core.precision import apply_precision_policy, policy_notes
 from pipelines.core.run_log import RunLog
 from pipelines.core.train_config import (
     CheckpointError,
@@ -91,7 +92,8 @@ class _Run:
     checkpoint_dir: Path | None
     optimizer: torch.optim.Optimizer | None = None  # set by _prepare, like the fields below
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-    amp_dtype: torch.dtype | None = None
+    amp_dtype: torch.dtype | None = None  # bf16 autocast, or None: float32 (core.precision's policy)
+    precision_policy: dict[str, Any] = field(default_factory=dict)
     batches_per_epoch: int | None = None
     total_steps: int = 0
     progress: _Progress = field(default_factory=_Progress)
@@ -143,12 +145,16 @@ def train(
     if config.device or D.world_size() > 1:
         model.to(device)
     ckpt.seed_everything(seed + D.rank())
+    # Before wrapping: FSDP shards the parameters in the dtype they have then.
+    policy = apply_precision_policy(model, device.type, config.precision, config.frozen_dtype)
     if config.strategy == "fsdp":  # FSDP shards the model in place; DDP wraps the loss step
         wrapped = _LossStep(D.wrap_model(model, config.strategy, device), loss_fn)
     else:
         wrapped = D.wrap_model(_LossStep(model, loss_fn), config.strategy, device)
     run = _Run(config, model, wrapped, loss_fn, train_data, val_data, evaluate_fn, collate_fn, seed, device,
                run_dir / "checkpoints" / "last" if run_dir is not None else None)  # fmt: skip
+    run.precision_policy = policy
+    run.amp_dtype = torch.bfloat16 if policy["compute_dtype"] == "bfloat16" else None
     _prepare(run)
     if resume:
         _resume(run)
@@ -195,10 +201,6 @@ def _prepare(run: _Run) -> None:
         raise ValueError("train_data has no length, so set max_steps in the train config.")
     run.total_steps = config.max_steps or config.epochs * math.ceil(run.batches_per_epoch / config.grad_accum)
     run.scheduler = build_scheduler(run.optimizer, config, run.total_steps)
-    if config.precision == "bf16" or (config.precision == "auto" and run.device.type == "cuda"):
-        if run.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"precision {config.precision} needs bf16, which {run.device} lacks; use fp32.")
-        run.amp_dtype = torch.bfloat16
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
 
@@ -363,6 +365,7 @@ def _result(run: _Run, restored: bool) -> TrainResult:
         notes.append(
             f"restored the best trainable state ({metric} {state.best_metric:.6g} at step {state.best_step})"
         )
+    notes += policy_notes(run.precision_policy)
     return TrainResult(
         steps=state.step, epochs=_epoch_float(run), history=list(state.history),
         best_metric=state.best_metric, best_step=state.best_step, metric_name=metric,
@@ -371,4 +374,5 @@ def _result(run: _Run, restored: bool) -> TrainResult:
         samples_per_second=state.samples / state.elapsed_s if state.elapsed_s > 0 else 0.0,
         precision="bf16" if run.amp_dtype is not None else "fp32",
         checkpoint=run.checkpoint_dir if run.saved_step is not None else None, notes=notes,
+        precision_policy=dict(run.precision_policy),
     )  # fmt: skip
