@@ -3,7 +3,9 @@
 Adapter weights live in float32 and are cast to the activation dtype inside forward, so activations are
 never upcast. On a frozen Linear without dropout, a fused autograd Function adds the low-rank product into
 the base GEMM's output and saves only the input and the rank-r projection for backward; its bf16 copies
-of A and B (with the scale folded in) are cached until the optimiser changes the float32 weights.
+of A and B (with the scale folded in) are cached until the optimiser changes the float32 weights. Under
+autocast the fused path computes in the autocast dtype, as F.linear would: the input, and a float32
+frozen weight, are cast to it first.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class _FusedLoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g @ weight).addmm_(gb, a_cast).view(ctx.x_shape)
         grad_a = (gb.t() @ x2).to(ctx.a_dtype)
-        grad_b = (g.t() @ u).to(ctx.b_dtype).mul_(ctx.scaling)
+        # beta=0: b_scaled only gives the shape; the scale rides on the GEMM instead of a kernel of its own
+        grad_b = torch.addmm(b_scaled, g.t(), u, beta=0, alpha=ctx.scaling).to(ctx.b_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
@@ -177,7 +180,7 @@ class LoRAAdapter(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def fusable(self, base: nn.Module, x: torch.Tensor) -> bool:
-        """Whether the fused Linear path applies: frozen base, no dropout or DoRA, no autocast.
+        """Whether the fused Linear path applies: frozen base, no dropout or DoRA (autocast or not).
 
         Under torch.compile the plain path is taken: Inductor fuses it better than it can trace the cache.
         """
@@ -188,7 +191,6 @@ class LoRAAdapter(nn.Module):
             and (self.spec.dropout == 0 or not self.training)
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
-            and not torch.is_autocast_enabled(x.device.type)
         )
 
     def _cast_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,10 +204,20 @@ class LoRAAdapter(nn.Module):
         return self._cache[1], self._cache[2]
 
     def fused_forward(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = base.weight, base.bias
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.dtype != torch.float64:  # autocast leaves float64 alone
+            dtype = torch.get_autocast_dtype(device)
+            # Casts outside the Function, so autograd takes x's gradient back to x's own dtype. A float32
+            # frozen weight is cast in every forward, as autocast does; the precision policy stores it in
+            # bf16 instead (core.precision).
+            x = x.to(dtype)
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
         a_cast, b_scaled = self._cast_weights(x.dtype)
         a, b = self.lora_A.weight, self.lora_B.weight
         factors = _product_operands(x) if torch.is_grad_enabled() else None
-        out = _FusedLoRALinear.apply(x, base.weight, base.bias, a, b, a_cast, b_scaled, self.scaling, factors)
+        out = _FusedLoRALinear.apply(x, weight, bias, a, b, a_cast, b_scaled, self.scaling, factors)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta(self, base: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

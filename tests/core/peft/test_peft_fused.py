@@ -134,14 +134,13 @@ def test_cache_from_inference_mode_is_not_reused_for_training(fused_calls):
     assert len(fused_calls) == 2
 
 
-@pytest.mark.parametrize("case", ["dropout", "trainable-base", "autocast", "dora"])
+@pytest.mark.parametrize("case", ["dropout", "trainable-base", "dora"])
 def test_plain_path_where_the_fused_one_does_not_apply(fused_calls, case):
     model = lora_linear(dropout=0.5 if case == "dropout" else 0.0, use_dora=case == "dora").train()
     if case == "trainable-base":
         model.proj.base_layer.requires_grad_(True)
     x = torch.randn(3, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
-        model(x)
+    model(x)
     assert fused_calls == []
     if case in ("dropout", "dora"):  # eval mode, no dropout: dropout case takes the fused path again
         model.eval()
@@ -150,3 +149,63 @@ def test_plain_path_where_the_fused_one_does_not_apply(fused_calls, case):
         assert len(fused_calls) == (1 if case == "dropout" else 0)
         if case == "dropout":
             torch.testing.assert_close(out, plain(model, x), atol=1e-6, rtol=0)
+
+
+def bf16_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA Linear in plain bf16 autograd, no autocast: every weight and the input cast to bf16."""
+    layer = model.proj
+    adapter = layer.adapters["default"]
+    a, b = adapter.lora_A.weight.to(torch.bfloat16), adapter.lora_B.weight.to(torch.bfloat16)
+    weight, bias = layer.base_layer.weight.to(torch.bfloat16), layer.base_layer.bias.to(torch.bfloat16)
+    h = x.to(torch.bfloat16)
+    return F.linear(h, weight, bias) + F.linear(F.linear(h, a), b) * adapter.scaling
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["float32-base", "bf16-base"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["float32-x", "bf16-x"])
+def test_fused_under_cpu_autocast_matches_plain_bf16_autograd(fused_calls, base_dtype, x_dtype):
+    """Under autocast the fused path is taken and computes what plain bf16 autograd computes.
+
+    A float32 base is what autocast alone gives (weights cast in every forward), a bf16 base what the
+    precision policy gives; the input comes in float32 (after a norm) or bf16 (after another Linear).
+    """
+    model = lora_linear(base_dtype).train()
+    x = torch.randn(4, 5, 16).to(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = gradients(model, model, x)
+    assert fused_calls == [x_dtype]
+    assert fused[0].dtype == torch.bfloat16  # as F.linear under autocast
+    assert fused[1].dtype == x_dtype  # the gradient goes back through the cast to x's own dtype
+    assert fused[2].dtype == fused[3].dtype == torch.float32
+    reference = gradients(lambda h: bf16_reference(model, h), model, x)
+    for got, expected, what in zip(fused, reference, ["output", "x", "A", "B"], strict=True):
+        assert relative_error(got, expected) < 1e-2, what
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the package's own plain path, same autocast
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(LoRAAdapter, "fusable", lambda self, base, h: False)
+            unfused = gradients(model, model, x)
+    assert len(fused_calls) == 1
+    for got, expected, what in zip(fused, unfused, ["output", "x", "A", "B"], strict=True):
+        assert got.dtype == expected.dtype, what
+        assert relative_error(got, expected) < 1e-2, what
+
+
+def test_fused_under_autocast_leaves_float64_alone(fused_calls):
+    model = lora_linear(torch.float64).train()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.float64 and fused_calls == [torch.float64]
+    torch.testing.assert_close(out, plain(model, x))
+
+
+def test_cast_cache_serves_autocast_and_float32_forwards_apart(fused_calls):
+    model = lora_linear().train()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+        full = model(x)
+    assert (low.dtype, full.dtype) == (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(full, plain(model, x), atol=1e-6, rtol=0)
+    assert relative_error(low, bf16_reference(model, x)) < 1e-2
