@@ -65,7 +65,32 @@ def _protein_recipe(tmp_path) -> dict:
     }  # fmt: skip
 
 
-TINY = {"protein": _protein_recipe}
+def _imaging_recipe(tmp_path) -> dict:
+    """A 2-block 32-wide timm ViT on 16x16 grey images whose class brightens a centre square."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 48), ("val", 16), ("test", 20)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 120, (n, 16, 16)).astype(np.uint8)
+        images[labels == 1, 4:12, 4:12] += 120
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(tmp_path / "tiny.npz", **arrays)
+    vit = {"pretrained": False, "img_size": 32, "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+    return {
+        "name": "conformance", "pipeline": "imaging/classification",
+        "backbone": {"name": "timm:vit_tiny_patch16_224", "options": vit},
+        "data": {"dataset": str(tmp_path / "tiny.npz"), "task": "binary",
+                 "options": {"transforms": {"image_size": 32}, "eval_batch_size": 8}},
+        "stages": [{"name": "task", "objective": "classification",
+                    "adapter": {"method": "lora", "r": 2, "alpha": 4, "targets": []},
+                    "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2}}],
+        "evaluation": {"bootstrap": 20},
+        "compare": ["linear_probe", {"method": "lora", "r": 4, "targets": []}],
+        "output_dir": str(tmp_path / "runs"),
+    }  # fmt: skip
+
+
+TINY = {"protein": _protein_recipe, "imaging": _imaging_recipe}
 
 
 def _run(recipe: dict) -> dict:
