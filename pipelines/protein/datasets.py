@@ -5,25 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.core.data import get_dataset, sha256_file
 from pipelines.protein.data import (
-    BIND_SPLITS,
-    GB1_SPLITS,
-    SS3_CLASSES,
+    ACCEPTED_SPLITS,
     DataIssues,
     ProteinDataError,
     ProteinRecord,
-    limit_length,
+    check_targets,
+    read_csv_records,
+    read_fasta_records,
+    read_residue_labels,
+)
+from pipelines.protein.flip import (
+    BIND_SPLITS,
+    GB1_SPLITS,
+    SS3_CLASSES,
     load_flip_bind,
     load_flip_gb1,
     load_flip_secondary_structure,
-    read_csv_records,
-    read_residue_labels,
-    split_records,
 )
+from pipelines.protein.splits import cap_records, hold_out, limit_length, split_records
 
 __all__ = ["DataOptions", "RESIDUE_DATASETS", "SEQUENCE_DATASETS", "cap_records", "load_splits"]
 
@@ -44,13 +47,21 @@ class DataOptions(BaseModel):
         "any", description="FLIP bind: which ligand class counts as binding."
     )
     path: str | None = Field(
-        None, description="Own data: a CSV, or a FASTA of sequences or of residue labels."
+        None,
+        description="Own data: a CSV (sequence, target and optional set columns); a FASTA with the target "
+        "in each header (>id TARGET=0.53 SET=train VALIDATION=False, field names in any case); or a FASTA "
+        "of residue labels (with sequences_path).",
     )
     sequences_path: str | None = Field(None, description="Own per-residue data: the FASTA of sequences.")
     label_classes: str | None = Field(None, description="Own per-residue data: label letters in class order.")
     sequence_column: str = Field("sequence", description="CSV column with the sequence.")
     target_column: str = Field("target", description="CSV column with the target.")
-    split_column: str | None = Field("set", description="CSV column with train/valid/test (null: none).")
+    split_column: str | None = Field(
+        "set",
+        description="CSV column with the split: train, valid (or val, validation), test, in any case; any "
+        "other value is an error (on_invalid: skip drops and counts those rows). null, or the default 'set' "
+        "absent from the file: split automatically (test_fraction, valid_fraction; ids in splits.json).",
+    )
     on_invalid: Literal["error", "skip"] = Field(
         "error", description="A bad record is an error naming it, or skipped and counted in the report."
     )
@@ -60,7 +71,18 @@ class DataOptions(BaseModel):
     )
     max_residues: int | None = Field(None, ge=1, description="Residue limit (default: the backbone's, 1022).")
     valid_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Held out of train when there is no valid split."
+        0.1,
+        gt=0,
+        lt=1,
+        description="Held out of train when there is no valid split (seeded; stratified "
+        "by class for per-sequence classification).",
+    )
+    test_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Held out of all records as test when the data has no split (a CSV "
+        "without its split column, a FASTA without SET=); seeded, stratified like valid_fraction.",
     )
     max_train: int | None = Field(None, ge=2, description="Seeded cap on training records (after fraction).")
     max_valid: int | None = Field(None, ge=2, description="Seeded cap on validation records.")
@@ -94,9 +116,10 @@ def _own(options: DataOptions, level: str, issues: DataIssues) -> list[ProteinRe
                 f"{path} is a CSV, but per-residue labels come as FASTA: path = the label FASTA, "
                 "sequences_path = the sequence FASTA (FLIP's layout)"
             )
+        optional = "split_column" not in options.model_fields_set  # the default 'set' may be absent
         return read_csv_records(
             path, options.sequence_column, options.target_column, options.split_column,
-            on_invalid=options.on_invalid, issues=issues,
+            on_invalid=options.on_invalid, issues=issues, split_optional=optional,
         )  # fmt: skip
     if level == "residue":
         if not options.sequences_path or not options.label_classes:
@@ -108,18 +131,7 @@ def _own(options: DataOptions, level: str, issues: DataIssues) -> list[ProteinRe
         return read_residue_labels(
             path, Path(options.sequences_path).expanduser(), decode, options.on_invalid, issues
         )
-    raise ProteinDataError(
-        f"{path} is not a CSV; per-sequence targets come in a CSV (data.options.path) with sequence and "
-        "target columns"
-    )
-
-
-def cap_records(records: list[ProteinRecord], cap: int | None, seed: int) -> list[ProteinRecord]:
-    """A seeded draw of at most ``cap`` records, in their original order (all when ``cap`` is None)."""
-    if cap is None or len(records) <= cap:
-        return records
-    keep = np.sort(np.random.default_rng(seed).choice(len(records), size=cap, replace=False))
-    return [records[i] for i in keep]
+    return read_fasta_records(path, options.on_invalid, issues, require_target=True)
 
 
 def load_splits(
@@ -130,6 +142,7 @@ def load_splits(
     seed: int = 0,
     records: list[ProteinRecord] | None = None,
     limit_train: bool = True,
+    stratify: bool = False,
 ) -> tuple[dict[str, list[ProteinRecord]], dict[str, Any], DataIssues]:
     """Load a dataset's records and cut them into train/valid/test.
 
@@ -139,51 +152,39 @@ def load_splits(
         options: The recipe's data options.
         level: ``sequence`` or ``residue``.
         max_residues: The residue limit (``options.max_residues`` wins when set).
-        seed: Seed of the subsampling and of the validation hold-out.
-        records: Records given directly (lab code); their split field decides the split.
+        seed: Seed of the subsampling and of the hold-outs.
+        records: Records given directly (lab code); their split field decides the split (none: cut).
         limit_train: Apply the residue limit to the training split too (off when the caller draws a
             subset first and applies it to the records it keeps, so the counts are theirs).
+        stratify: Hold out valid and test per class (per-sequence classification).
 
     Returns:
-        ``(splits, dataset_info, issues)``; dataset_info has the name, split name, file checksums and sizes.
+        ``(splits, dataset_info, issues)``; dataset_info has the name, split name, file checksums, sizes
+        and ``cut`` (how the pipeline cut the splits the data did not have).
     """
     issues = DataIssues()
-    split_name, files = None, {}
+    split_name, files, replaces = None, {}, None
     if not options.path and ("/" in dataset or dataset.endswith((".csv", ".tsv", ".fasta", ".fa"))):
         options = options.model_copy(update={"path": dataset})  # data.dataset names the user's own file
-    if records is None and options.path:
+    if records is not None:
+        source = "the given records"
+        check_targets(records, source)
+    elif options.path:
+        path = Path(options.path).expanduser()
+        source, replaces = str(path), dataset if dataset != options.path else None
         records = _own(options, level, issues)
-        files = {str(Path(options.path).expanduser()): sha256_file(Path(options.path).expanduser())}
+        files = {str(path): sha256_file(path)}
         if options.sequences_path:
             sequences = Path(options.sequences_path).expanduser()
             files[str(sequences)] = sha256_file(sequences)
-    elif records is None:
-        wanted = RESIDUE_DATASETS if level == "residue" else SEQUENCE_DATASETS
-        if dataset not in wanted:
-            raise ProteinDataError(
-                f"dataset '{dataset}' is not a {level}-level protein dataset (choose {', '.join(wanted)}, or "
-                "give your own file in data.options.path)"
-            )
-        known = (
-            GB1_SPLITS if dataset == "flip_gb1" else BIND_SPLITS if dataset == "flip_bind" else ("sampled",)
-        )
-        if options.split is not None and options.split not in known:
-            raise ProteinDataError(
-                f"dataset '{dataset}' has no split '{options.split}'; choose {', '.join(known)}"
-            )
+    else:
+        source = f"dataset '{dataset}'"
+        _check_flip(dataset, options, level)
         records, split_name = _flip(dataset, options, issues)
         files = {rel: digest for rel, digest in get_dataset(dataset).files.items() if _used(rel, split_name)}
-    groups = split_records(records)
-    if not groups["test"]:
-        raise ProteinDataError(
-            f"dataset '{dataset}' has no test records; mark some as test in its split column"
-        )
-    if not groups["valid"]:
-        order = np.random.default_rng(seed).permutation(len(groups["train"]))
-        cut = max(1, int(round(options.valid_fraction * len(order))))
-        held = set(order[:cut].tolist())
-        groups["valid"] = [r for i, r in enumerate(groups["train"]) if i in held]
-        groups["train"] = [r for i, r in enumerate(groups["train"]) if i not in held]
+    if not records:
+        raise ProteinDataError(f"{source} has no usable record: all were skipped ({dict(issues.skipped)})")
+    groups, cut = _cut(records, options, seed, stratify, source)
     groups["train"] = cap_records(groups["train"], options.max_train, seed)
     groups["valid"] = cap_records(groups["valid"], options.max_valid, seed + 1)
     groups["test"] = cap_records(groups["test"], options.max_test, seed + 2)
@@ -191,15 +192,68 @@ def load_splits(
     for key in ("train", "valid", "test") if limit_train else ("valid", "test"):
         groups[key] = limit_length(groups[key], limit, options.long_sequences, issues)
     info = {
-        "name": dataset,
+        "name": source if options.path else dataset,
         "split": split_name,
         "sizes": {k: len(v) for k, v in groups.items() if k in ("train", "valid", "test")},
         "sha256": files,
         "residue_limit": limit,
         "long_sequences": options.long_sequences,
         "issues": issues.as_dict(),
+        "cut": cut,
     }
+    if replaces:
+        info["recipe_dataset"] = replaces  # data.dataset, which data.options.path replaced
     return groups, info, issues
+
+
+def _check_flip(dataset: str, options: DataOptions, level: str) -> None:
+    wanted = RESIDUE_DATASETS if level == "residue" else SEQUENCE_DATASETS
+    if dataset not in wanted:
+        raise ProteinDataError(
+            f"dataset '{dataset}' is not a {level}-level protein dataset (choose {', '.join(wanted)}, or "
+            "give your own file in data.options.path)"
+        )
+    known = GB1_SPLITS if dataset == "flip_gb1" else BIND_SPLITS if dataset == "flip_bind" else ("sampled",)
+    if options.split is not None and options.split not in known:
+        raise ProteinDataError(
+            f"dataset '{dataset}' has no split '{options.split}'; choose {', '.join(known)}"
+        )
+
+
+def _cut(
+    records: list[ProteinRecord], options: DataOptions, seed: int, stratify: bool, source: str
+) -> tuple[dict[str, list[ProteinRecord]], dict[str, str]]:
+    """Group by the records' splits; cut test (when none has a split) and valid (when none is valid)."""
+    with_split = sum(r.split is not None for r in records)
+    cut: dict[str, str] = {}
+    how = f"seed {seed}{', stratified by class' if stratify else ''}"
+    if with_split == 0:
+        train, test = hold_out(records, options.test_fraction, seed + 3, stratify)
+        groups = {"train": train, "valid": [], "test": test}
+        cut["test"] = f"{options.test_fraction:g} of all records ({how})"
+    elif with_split < len(records):
+        example, without = next(r.id for r in records if r.split is None), len(records) - with_split
+        raise ProteinDataError(
+            f"{source}: {without} of {len(records)} records have no split (e.g. '{example}'); "
+            f"give every record one ({ACCEPTED_SPLITS}) or none (then they are split automatically)"
+        )
+    else:
+        groups = split_records(records)
+        if not groups["test"]:
+            sizes = ", ".join(f"{k} {len(v)}" for k, v in groups.items())
+            raise ProteinDataError(
+                f"{source} has no test records ({sizes}); mark some as test in its split column or SET= "
+                "fields, or leave the split out entirely to have it split automatically"
+            )
+    if not groups["valid"] and len(groups["train"]) > 1:
+        groups["train"], groups["valid"] = hold_out(groups["train"], options.valid_fraction, seed, stratify)
+        cut["valid"] = f"{options.valid_fraction:g} of the training records ({how})"
+    if not groups["train"] or not groups["valid"]:
+        raise ProteinDataError(
+            f"{source} leaves {len(groups['train'])} training and {len(groups['valid'])} validation "
+            "records; give it more records, or mark more of them train"
+        )
+    return groups, cut
 
 
 def _used(relpath: str, split: str | None) -> bool:

@@ -18,13 +18,15 @@ import torch
 
 from pipelines.core.experiment import ExperimentData, Outcome, StagePlan, Trained
 from pipelines.core.peft import spec_to_dict
+from pipelines.protein.adapters import head_facts, write_head_facts
 from pipelines.protein.baselines import extract_features, fit_linear, one_hot_sequences, one_hot_windows
 from pipelines.protein.batching import MaskedLMCollator, ProteinDataset, TaskCollator
-from pipelines.protein.data import limit_length, read_fasta_records
-from pipelines.protein.datasets import cap_records, load_splits, residue_classes
+from pipelines.protein.data import read_fasta_records
+from pipelines.protein.datasets import load_splits, residue_classes
 from pipelines.protein.metrics import protein_bootstrap
 from pipelines.protein.model import ProteinModel
 from pipelines.protein.options import StageOptions
+from pipelines.protein.splits import cap_records, check_classes, limit_length, write_splits
 
 __all__ = ["ProteinExperiment"]
 
@@ -46,15 +48,17 @@ class ProteinExperiment:
         _check_stages(self.recipe, self.task)
         backbone = self.pipe.load_backbone()
         uncapped = self.options.data.model_copy(update={"max_train": None})
+        stratified = self.task != "regression" and self.level == "sequence"
         self.splits, self.info, self.issues = load_splits(
             self.recipe.data.dataset, uncapped, self.level, backbone.max_residues, seed=self.recipe.seed,
-            limit_train=False,
+            limit_train=False, stratify=stratified,
         )  # fmt: skip
+        self.run_dir = Path(run_dir)
         self.num_classes = self.pipe.num_classes
         if self.level == "residue" and self.num_classes is None:
             self.num_classes = residue_classes(self.recipe.data.dataset, self.options.data)
+        check_classes(self.splits, self.task, self.level, self.info["name"], self.num_classes)
         train = self.splits["train"]
-        stratified = self.task != "regression" and self.level == "sequence"
         metrics = list(self.pipe.metrics)
         labels = [record.target for record in train] if stratified else None
         return ExperimentData(self.task, len(train), labels, self.info, metrics)
@@ -64,7 +68,13 @@ class ProteinExperiment:
         train = cap_records([self.splits["train"][i] for i in indices], data.max_train, self.recipe.seed)
         limit = self.info["residue_limit"]
         self.splits["train"] = limit_length(train, limit, data.long_sequences, self.issues)
+        check_classes(
+            {"train": self.splits["train"]}, self.task, self.level, self.info["name"], self.num_classes
+        )
         self.info.update(issues=self.issues.as_dict(), sizes={k: len(v) for k, v in self.splits.items()})
+        facts = {"source": self.info["name"], "seed": self.recipe.seed, "cut": self.info["cut"]}
+        write_splits(self.run_dir, self.splits, facts)
+        self.info["splits_file"] = "splits.json"
 
     def new_model(self) -> ProteinModel:
         """A head on a copy of the loaded backbone, so adapters of one model never reach another."""
@@ -164,6 +174,10 @@ class ProteinExperiment:
         primary = next(iter(models.values()))
         folder = primary.adapters.get(final.name)
         weights = folder / "adapter_model.safetensors" if folder else None
+        if folder:  # what reloading needs beside the tensors (Pipeline.load)
+            stages = [s.name for s in self.recipe.stages if s.adapter is not None]
+            facts = head_facts(primary.model, self.task, self.level, stages, self.pipe.provenance)
+            write_head_facts(folder, facts)
         extra: dict[str, Any] = {"baselines": self.baseline_details, "stages": self.stage_facts}
         if self.level == "residue":
             extra["protein_level_interval"] = {
@@ -243,6 +257,15 @@ def _notes(provenance: dict, dataset_info: dict, level: str) -> list[str]:
         )
     else:
         notes.append(f"Backbone weights: {provenance.get('weights')}.")
+    if dataset_info.get("recipe_dataset"):
+        notes.append(
+            f"The data is the user's file {dataset_info['name']} (data.options.path), not the recipe's "
+            f"data.dataset '{dataset_info['recipe_dataset']}'."
+        )
+    for split, how in (dataset_info.get("cut") or {}).items():
+        notes.append(f"The data has no {split} split, so the pipeline cut one: {how}.")
+    if dataset_info.get("cut"):
+        notes.append("The record ids of each split are in splits.json in the run folder.")
     counts = dataset_info["issues"]
     if counts["cropped"]:
         notes.append(

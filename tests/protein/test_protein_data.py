@@ -9,16 +9,13 @@ from pipelines.protein.data import (
     DataIssues,
     ProteinDataError,
     ProteinRecord,
-    limit_length,
-    load_flip_bind,
-    load_flip_gb1,
-    load_flip_secondary_structure,
     read_csv_records,
     read_fasta,
     read_fasta_records,
     records_from_lists,
-    split_records,
 )
+from pipelines.protein.flip import load_flip_bind, load_flip_gb1, load_flip_secondary_structure
+from pipelines.protein.splits import limit_length, split_records
 
 
 def test_read_fasta_joins_wrapped_lines_and_rejects_text_before_a_header(tmp_path):
@@ -158,3 +155,89 @@ def test_flip_secondary_structure_and_bind_from_mirror(flip_mirror):
     raw = dict(read_fasta(flip_mirror / "flip/bind/one_vs_many.fasta"))
     first = next(iter(raw.values()))
     assert list(metal[0].residue_labels) == [int(int(c) & 1) for c in first]
+
+
+def test_split_values_val_and_validation_mean_valid_in_any_case_and_other_values_are_an_error(tmp_path):
+    path = tmp_path / "mine.csv"
+    rows = ["Train", "train", "val", "VALIDATION", "Valid", "test", "TEST", "dev", "dev", "fold1"]
+    path.write_text("sequence,target,set\n" + "".join(f"MKT,{i},{s}\n" for i, s in enumerate(rows)))
+    with pytest.raises(ProteinDataError) as error:
+        read_csv_records(path, split_column="set")
+    assert str(error.value) == (
+        f"{path} has split value(s) 'dev' (2 records), 'fold1' (1 record) in column 'set'; accepted: train, "
+        "valid (or val, validation), test, in any case; fix them, or set data.options.on_invalid: skip to "
+        "drop those records"
+    )
+    issues = DataIssues()
+    records = read_csv_records(path, split_column="set", on_invalid="skip", issues=issues)
+    assert [r.split for r in records] == ["train", "train", "valid", "valid", "valid", "test", "test"]
+    assert issues.as_dict()["skipped"] == {"unknown split value": 3}
+    assert issues.as_dict()["skipped_total"] == 3
+    fasta = tmp_path / "mine.fasta"
+    fasta.write_text(">a set=Val\nMKT\n>b SET=holdout\nMKV\n")
+    with pytest.raises(ProteinDataError, match=r"split value\(s\) 'holdout' \(1 record\) in the SET= header"):
+        read_fasta_records(fasta)
+    lab = [ProteinRecord("a", "MK", 1.0, split="val"), ProteinRecord("b", "MK", 1.0, split="Dev")]
+    with pytest.raises(ProteinDataError, match=r"records have split value\(s\) 'Dev' \(1\); accepted"):
+        split_records(lab)
+    assert split_records(lab[:1])["valid"] == [ProteinRecord("a", "MK", 1.0, split="valid")]
+
+
+def test_non_finite_targets_are_refused_at_load_time_naming_every_row(tmp_path):
+    path = tmp_path / "fitness.csv"
+    path.write_text(
+        "sequence,target,set\nMKT,1.5,train\nMKV,nan,train\nMKW,2,test\nMKA,inf,test\nMKC,NaN,train\n"
+    )
+    with pytest.raises(ProteinDataError) as error:
+        read_csv_records(path, split_column="set")
+    assert str(error.value) == (
+        f"record 'row 3' in {path} has target 'nan', not a finite number (3 bad records in all; also "
+        "'row 5', 'row 6'); fix the records or set data.options.on_invalid: skip"
+    )
+    with pytest.raises(ProteinDataError, match=r"'sequence 1'; drop them or give them a value"):
+        records_from_lists(["MKT", "MKV"], targets=[1.0, float("nan")])
+
+
+def test_empty_header_only_and_truncated_csv_files_are_one_line_naming_the_file(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ProteinDataError, match=rf"^{empty} is empty; a protein CSV needs a header row"):
+        read_csv_records(empty)
+    header = tmp_path / "header.csv"
+    header.write_text("sequence,target,set\n")
+    with pytest.raises(ProteinDataError, match=rf"^{header} has a header row but no records"):
+        read_csv_records(header, split_column="set")
+    quote = tmp_path / "quote.csv"
+    quote.write_text('sequence,target,set\nMKT,1,train\nMKV,"2')
+    with pytest.raises(
+        ProteinDataError, match=rf"^{quote} line 3 is not valid CSV \(.*\); is the file truncated"
+    ):
+        read_csv_records(quote, split_column="set")
+    short = tmp_path / "short.csv"
+    short.write_text("sequence,target,set\nMKT,1,train\nMKV")
+    with pytest.raises(
+        ProteinDataError, match=r"record 'row 3' in .*short\.csv has 1 fields for the header's 3"
+    ):
+        read_csv_records(short, split_column="set")
+    (tmp_path / "empty.fasta").write_text("\n")
+    with pytest.raises(ProteinDataError, match=r"empty\.fasta is empty: it holds no FASTA record"):
+        read_fasta_records(tmp_path / "empty.fasta")
+
+
+def test_fasta_headers_carry_per_sequence_targets_in_any_case(tmp_path):
+    path = tmp_path / "fitness.fasta"
+    path.write_text(
+        ">a TARGET=0.53 SET=train VALIDATION=False\nMKT\n>b target=1e-1 set=TRAIN validation=true\nMKV\n"
+        ">c Target=-2 SET=test\nMKW\n"
+    )
+    records = read_fasta_records(path, require_target=True)
+    assert [(r.id, r.target, r.split) for r in records] == [
+        ("a", 0.53, "train"), ("b", 0.1, "valid"), ("c", -2.0, "test"),
+    ]  # fmt: skip
+    path.write_text(">a TARGET=0.5\nMKT\n>b\nMKV\n>c TARGET=NaN\nMKW\n")
+    with pytest.raises(ProteinDataError) as error:
+        read_fasta_records(path, require_target=True)
+    assert str(error.value).startswith(
+        f"record 'b' in {path} has no TARGET= in its header (per-sequence FASTA: '>b TARGET=0.53 SET=train') "
+        "(2 bad records in all; also 'c')"
+    )
