@@ -14,6 +14,11 @@ From lab code::
                            adapter=lora, train={"epochs": 5, "lr": 3e-4})
     pipe.fit((train_sequences, train_targets))
     report = pipe.evaluate((test_sequences, test_targets))      # report["spearman"].value / .low / .high
+    pipe.save_adapter("my_adapter")                              # or format="peft" for HF peft
+
+    pipe = create_pipeline("protein/sequence", task="regression", backbone="esm2_small_random")
+    pipe.load("runs/gb1_lora/<timestamp>")     # a run folder, or a folder save_adapter() wrote
+    y_true, y_score = pipe.predict((sequences, targets))
 """
 
 from __future__ import annotations
