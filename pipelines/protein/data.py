@@ -248,13 +248,14 @@ def read_csv_records(
     validation_column: str | None = None,
     on_invalid: OnInvalid = "error",
     issues: DataIssues | None = None,
-    split_optional: bool = False,
+    optional: tuple[str, ...] = (),
 ) -> list[ProteinRecord]:
     """Read sequences (and numeric targets) from a CSV file with a header row.
 
-    ``split_column`` holds the split (see the module docstring); with ``split_optional`` a file without
-    that column gives records without a split. A ``validation_column`` value ``True`` on a train row makes
-    it a validation row (FLIP's convention). Records are named ``row <line number>`` unless ``id_column``.
+    ``split_column`` holds the split (see the module docstring); a ``validation_column`` value ``True``
+    on a train row makes it a validation row (FLIP's convention). Columns named in ``optional`` may be
+    absent (no split column: records without a split). Records are ``row <line number>`` unless
+    ``id_column``.
     """
     path = Path(path)
     reading, records, rows, reader = _Reading(path, on_invalid, issues), [], 0, None
@@ -267,8 +268,9 @@ def read_csv_records(
                     f"{path} is empty; a protein CSV needs a header row ({sequence_column},"
                     f"{target_column or 'target'},set) and one row per protein"
                 )
-            if split_optional and split_column not in names:
-                split_column = None
+            split_column = None if split_column in optional and split_column not in names else split_column
+            if validation_column in optional and validation_column not in names:
+                validation_column = None
             columns = [c for c in (sequence_column, target_column, split_column, id_column, validation_column)
                        if c]  # fmt: skip
             missing = [c for c in columns if c not in names]

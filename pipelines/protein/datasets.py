@@ -60,7 +60,8 @@ class DataOptions(BaseModel):
         "set",
         description="CSV column with the split: train, valid (or val, validation), test, in any case; any "
         "other value is an error (on_invalid: skip drops and counts those rows). null, or the default 'set' "
-        "absent from the file: split automatically (test_fraction, valid_fraction; ids in splits.json).",
+        "absent from the file: split automatically (test_fraction, valid_fraction; ids in splits.json). A "
+        "FLIP-style 'validation' column (True) makes train rows validation rows.",
     )
     on_invalid: Literal["error", "skip"] = Field(
         "error", description="A bad record is an error naming it, or skipped and counted in the report."
@@ -116,10 +117,11 @@ def _own(options: DataOptions, level: str, issues: DataIssues) -> list[ProteinRe
                 f"{path} is a CSV, but per-residue labels come as FASTA: path = the label FASTA, "
                 "sequences_path = the sequence FASTA (FLIP's layout)"
             )
-        optional = "split_column" not in options.model_fields_set  # the default 'set' may be absent
+        optional = ("validation",) + (() if "split_column" in options.model_fields_set else ("set",))
         return read_csv_records(
             path, options.sequence_column, options.target_column, options.split_column,
-            on_invalid=options.on_invalid, issues=issues, split_optional=optional,
+            validation_column="validation" if options.split_column else None,
+            on_invalid=options.on_invalid, issues=issues, optional=optional,
         )  # fmt: skip
     if level == "residue":
         if not options.sequences_path or not options.label_classes:

@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from pipelines import cli
 from pipelines.core.registry import create_pipeline
 from pipelines.core.runner import run_recipe
 from pipelines.protein.adapters import export_run
@@ -115,7 +114,7 @@ def _run(tmp_path, monkeypatch) -> tuple:
     return run_dir, (sequences[30:], labels[30:]), seen["predictions"]
 
 
-def test_load_restores_a_run_and_predicts_exactly_what_the_run_scored(tmp_path, monkeypatch, capsys):
+def test_load_restores_a_run_and_predicts_exactly_what_the_run_scored(tmp_path, monkeypatch):
     run_dir, test, (y_true, y_score) = _run(tmp_path, monkeypatch)
     facts = json.loads((run_dir / "adapters" / "task" / "protein_head.json").read_text())
     assert facts["stages"] == ["evotune", "task"] and facts["pooling"] == "bos" and facts["num_classes"] == 3
@@ -135,9 +134,6 @@ def test_load_restores_a_run_and_predicts_exactly_what_the_run_scored(tmp_path, 
     with pytest.raises(ValueError, match="holds a sequence-level multiclass head; create the pipeline with"):
         create_pipeline("protein/sequence", backbone="esm2_tiny_random", task="regression").load(run_dir)
 
-    # the command line's export refuses the head (a core limit); the protein export writes it for peft
-    assert cli.main(["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "cli")]) == 1
-    assert "holds head modules" in capsys.readouterr().err
     folders = export_run(run_dir, tmp_path / "peft")
     assert [f.name for f in folders] == ["evotune", "task"]
     assert json.loads((folders[1] / "adapter_config.json").read_text())["modules_to_save"] == ["head.linear"]

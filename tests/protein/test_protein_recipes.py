@@ -146,3 +146,18 @@ def test_csv_without_a_set_column_is_split_by_class_for_classification_and_the_s
     assert [r.id for r in other["test"]] != [r.id for r in groups["test"]]
     with pytest.raises(ProteinDataError, match=r"has no column\(s\) \['fold'\]"):  # a named column must exist
         load_splits(str(path), DataOptions(path=str(path), split_column="fold"), "sequence", 1022)
+
+
+def test_an_own_csv_in_flip_layout_keeps_its_validation_rows(tmp_path):
+    path = tmp_path / "aav.csv"
+    sequences = _sequences(12)
+    flags = ["True", "False", "False", "True", "False", "False", "False", "False", "", "", "", ""]
+    sets = ["train"] * 8 + ["test"] * 4
+    rows = [
+        f"{s},{i},{split},{flag}"
+        for i, (s, split, flag) in enumerate(zip(sequences, sets, flags, strict=True))
+    ]
+    path.write_text("sequence,target,set,validation\n" + "\n".join(rows) + "\n")
+    groups, info, _ = load_splits(str(path), DataOptions(), "sequence", 1022)
+    assert [r.id for r in groups["valid"]] == ["row 2", "row 5"] and info["cut"] == {}
+    assert {k: len(v) for k, v in groups.items()} == {"train": 6, "valid": 2, "test": 4}
