@@ -110,7 +110,8 @@ def test_every_structural_error_is_reported_at_once(tmp_path):
     assert str(errors[0]) == f"{path}:6: data.fractoin: unknown key 'fractoin' (did you mean 'fraction'?)"
     assert (
         errors[5].message
-        == "unknown method 'lorra' (choose one of: lora, bottleneck, ia3, ssf, bitfit, norm, prompt)"
+        == "unknown method 'lorra' (choose one of: lora, bottleneck, ia3, ssf, bitfit, norm, prompt, "
+        "loha, lokr, vera)"
     )
     with pytest.raises(RecipeValidationError, match=r"is invalid \(6 errors\): line 6: data.fractoin"):
         load_recipe(path)

@@ -30,18 +30,22 @@ from .specs import (
     AdapterSpec,
     BitFit,
     Bottleneck,
+    LoHa,
+    LoKr,
     LoRA,
     NormTuning,
     PromptTuning,
+    VeRA,
     as_spec,
     spec_from_dict,
     spec_to_dict,
 )
 
 __all__ = [
-    "ADAPTER_METHODS", "IA3", "SSF", "AdaptedLayer", "AdapterSpec", "BitFit", "Bottleneck", "LoRA",
-    "NormTuning", "ParameterCount", "PromptTuning", "adapter_names", "adapter_specs", "add_adapter",
-    "as_spec", "convert_adapter", "count_parameters", "disable_adapters", "extend_attention_mask", "is_norm",
-    "load_adapter", "merge", "merge_and_unload", "remove_adapter", "save_adapter", "set_trainable",
-    "spec_from_dict", "spec_to_dict", "unmerge", "unsupported_norm", "wrappers",
+    "ADAPTER_METHODS", "IA3", "SSF", "AdaptedLayer", "AdapterSpec", "BitFit", "Bottleneck", "LoHa", "LoKr",
+    "LoRA", "NormTuning", "ParameterCount", "PromptTuning", "VeRA", "adapter_names", "adapter_specs",
+    "add_adapter", "as_spec", "convert_adapter", "count_parameters", "disable_adapters",
+    "extend_attention_mask", "is_norm", "load_adapter", "merge", "merge_and_unload", "remove_adapter",
+    "save_adapter", "set_trainable", "spec_from_dict", "spec_to_dict", "unmerge", "unsupported_norm",
+    "wrappers",
 ]  # fmt: skip

@@ -2,8 +2,9 @@
 
 Native: keys `<module path>.<adapter tensor>` (e.g. `model.layers.0.self_attn.q_proj.lora_A.weight`) and, for
 `extra` head modules, their own state-dict keys; the config records the spec, the exact module paths and
-the head modules, so loading needs no target matching. HF peft (LoRA only): keys
-`base_model.model.<module path>.lora_A.weight` and a LoraConfig JSON. Files are written atomically.
+the head modules, so loading needs no target matching; VeRA's shared projections are `vera_A`, `vera_B`.
+HF peft (LoRA, LoHa, LoKr, VeRA): keys `base_model.model.<module path>.lora_A.weight` (`.hada_w1_a`, ...) and
+that method's config JSON (see peft_format.py). Files are written atomically.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from torch import nn
 from pipelines.core.files import atomic_write
 
 from .inject import _select, adapter_names, adapter_specs, add_adapter, remove_adapter, wrappers
+from .methods import load_shared, shared_keys, shared_tensors
+from .peft_format import LAYER_TENSORS, PEFT_TYPES, SHARED_KEYS, peft_blocker, peft_config, spec_from_peft
 from .specs import LoRA, spec_from_dict, spec_to_dict
 
 WEIGHTS = "adapter_model.safetensors"
@@ -26,6 +29,10 @@ CONFIG = "adapter_config.json"
 PICKLES = ("adapter_model.bin", "pytorch_model.bin", ".pt", ".pth", ".ckpt", ".pkl")
 PEFT_PREFIX = "base_model.model."
 LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
+
+
+def _layer_adapters(model: nn.Module, name: str) -> list[nn.Module]:
+    return [wrapper.adapters[name] for _, wrapper in wrappers(model) if name in wrapper.adapters]
 
 
 def _adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -58,12 +65,13 @@ def save_adapter(
         raise ValueError(f"The model has no adapter named {name!r}; it has {names}.")
     spec = adapter_specs(model)[name]
     tensors, paths = _adapter_tensors(model, name)
+    tensors.update(shared_tensors(spec, _layer_adapters(model, name)))
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if format == "peft":
         if extra:
-            raise ValueError("format='peft' saves LoRA weights only; save heads in the native format.")
+            raise ValueError("format='peft' saves adapter weights only; save heads in the native format.")
         blocker = _peft_blocker(model, spec, name, paths)
         if blocker:
             raise ValueError(blocker)
@@ -86,8 +94,14 @@ def save_adapter(
 
 def _peft_blocker(model: nn.Module, spec, name: str, paths: list[str]) -> str | None:
     """Why adapter `name` cannot be written in HF peft's format, or None when it can."""
+    if spec.method in PEFT_TYPES:
+        layers = [(path, w.base_layer) for path, w in wrappers(model) if path in paths]
+        return next((r for r in (peft_blocker(spec, path, base) for path, base in layers) if r), None)
     if not isinstance(spec, LoRA):
-        return f"Adapter {name!r} is {spec.method}; the HF peft format is written for LoRA only."
+        return (
+            f"Adapter {name!r} is {spec.method}; the HF peft format is written for LoRA, LoHa, LoKr and VeRA "
+            "only."
+        )
     for path, wrapper in wrappers(model):
         if path in paths:
             base = wrapper.base_layer
@@ -101,7 +115,10 @@ def _peft_blocker(model: nn.Module, spec, name: str, paths: list[str]) -> str | 
     return None
 
 
-def _peft_files(spec: LoRA, tensors, paths, base_name) -> tuple[dict[str, torch.Tensor], dict]:
+def _peft_files(spec, tensors, paths, base_name) -> tuple[dict[str, torch.Tensor], dict]:
+    if spec.method in PEFT_TYPES:
+        renamed = {SHARED_KEYS.get(key, PEFT_PREFIX + key): value for key, value in tensors.items()}
+        return renamed, peft_config(spec, paths, base_name)
     renamed = {}
     for key, value in tensors.items():
         key = key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")
@@ -175,9 +192,12 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _from_peft(config: dict, tensors: dict[str, torch.Tensor], directory: Path):
+    if config.get("peft_type") in PEFT_TYPES.values():
+        return _from_peft_loha_lokr_vera(config, tensors, directory)
     if config.get("peft_type") != "LORA":
         raise ValueError(
-            f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is not supported; only LORA."
+            f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is not supported; only LORA, LOHA, "
+            "LOKR and VERA."
         )
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
@@ -199,6 +219,24 @@ def _from_peft(config: dict, tensors: dict[str, torch.Tensor], directory: Path):
         renamed[key] = value
     if not paths:
         raise ValueError(f"{directory / WEIGHTS} holds no LoRA tensors (lora_A, lora_B, lora_embedding_A/B).")
+    return spec, paths, renamed
+
+
+def _from_peft_loha_lokr_vera(config: dict, tensors: dict[str, torch.Tensor], directory: Path):
+    spec = spec_from_peft(config, str(directory / CONFIG))
+    layer_tensors = LAYER_TENSORS[spec.method]
+    peft_keys = {peft: native for native, peft in SHARED_KEYS.items()} if spec.method == "vera" else {}
+    renamed, paths = {}, []
+    for key, value in tensors.items():
+        key = peft_keys.get(key) or key.removeprefix(PEFT_PREFIX)
+        path, _, last = key.rpartition(".")
+        if last in layer_tensors and path not in paths:
+            paths.append(path)
+        renamed[key] = value
+    if not paths:
+        raise ValueError(
+            f"{directory / WEIGHTS} holds no {spec.method} tensors ({', '.join(layer_tensors)})."
+        )
     return spec, paths, renamed
 
 
@@ -241,11 +279,13 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     else:
         spec, paths, tensors = _from_peft(config, tensors, directory)
         heads, name = [], name or "default"
+    shared = {key: tensors.pop(key) for key in shared_keys(spec) if key in tensors}
     exact = [f"re:{re.escape(p)}" for p in paths]
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     add_adapter(model, type(spec)(**{**spec_to_dict(spec), "targets": exact}), name=name)
     try:
         expected, head_state = _check_tensors(model, name, tensors, heads, directory)
+        load_shared(spec, _layer_adapters(model, name), shared, str(directory / WEIGHTS))
     except ValueError:  # a refused file leaves the model as it was
         remove_adapter(model, name)
         for parameter in model.parameters():

@@ -16,6 +16,7 @@ from .bottleneck import BottleneckAdapter
 from .layers import AdaptedLayer
 from .lora import SUPPORTED as LORA_TYPES
 from .lora import LoRAAdapter
+from .methods import BUILDERS, finish_build
 from .norm import NormAdapter, unsupported_norm
 from .prompt import PromptAdapter
 from .specs import BOTTLENECK_PRESETS, AdapterSpec, Bottleneck, LoRA, PromptTuning
@@ -110,6 +111,8 @@ def _select(
 
 
 def _build(spec: AdapterSpec, module: nn.Module, name: str) -> nn.Module:
+    if spec.method in BUILDERS:  # LoHa, LoKr, VeRA (methods.py)
+        return BUILDERS[spec.method](module, spec, name)
     if isinstance(spec, LoRA):
         if not isinstance(module, LORA_TYPES):
             raise ValueError(
@@ -171,6 +174,7 @@ def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default") -> n
     built = [
         (item, _build(spec, item.module, item.name)) for item in selected
     ]  # fail before changing anything
+    finish_build(spec, [adapter for _, adapter in built])  # VeRA: one projection pair for all its layers
     for item, adapter in built:
         if item.wrapper is not None and len(item.wrapper.adapters) and _must_be_first(adapter):
             what = "DoRA" if getattr(spec, "use_dora", False) else spec.method

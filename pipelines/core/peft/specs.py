@@ -127,9 +127,86 @@ class PromptTuning:
     __pydantic_config__ = _FORBID
 
 
-AdapterSpec = LoRA | Bottleneck | IA3 | SSF | BitFit | NormTuning | PromptTuning
+def _check_rank(method: str, r: int) -> None:
+    if r < 1:
+        raise ValueError(f"The {method} rank r must be a positive integer, not {r}; set r: 8, say.")
+
+
+@dataclass(frozen=True)
+class LoHa:
+    """Hadamard product of two low-rank updates, (alpha / r) (W1a W1b) * (W2a W2b), on Linear and Conv1d/2d.
+
+    As HF peft's LoHaConfig (FedPara, Hyeon-Woo et al. 2022; LyCORIS): W2b starts at zero.
+    `use_effective_conv2d` factors a k x k kernel through an (r, r, k, k) core (FedPara's Proposition 3).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    targets: list[str] = field(default_factory=list)
+    use_effective_conv2d: bool = False
+    method: Literal["loha"] = "loha"
+    __pydantic_config__ = _FORBID
+
+    def __post_init__(self) -> None:
+        _check_rank("loha", self.r)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class LoKr:
+    """Kronecker product of a small and a low-rank factor, (alpha / r) W1 kron W2a W2b, on Linear and Conv2d.
+
+    As HF peft's LoKrConfig (LyCORIS): W1 starts at zero. Each weight dimension splits into two factors
+    near its square root, or near `decompose_factor` when that is positive; `decompose_both` makes W1
+    low-rank too. A factor with r at least half its larger side stays full, as in peft.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    targets: list[str] = field(default_factory=list)
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    use_effective_conv2d: bool = False
+    method: Literal["lokr"] = "lokr"
+    __pydantic_config__ = _FORBID
+
+    def __post_init__(self) -> None:
+        _check_rank("lokr", self.r)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class VeRA:
+    """Shared frozen random projections with trainable vectors, b * (B (d * (A x))), on Linear layers.
+
+    As HF peft's VeraConfig (Kopiczko et al. 2024): one A (r x widest input) and B (widest output x r),
+    drawn from `projection_prng_key` and sliced by every adapted layer; d starts at `d_initial` and b at
+    zero. `save_projection` writes A and B into adapter files (otherwise loading redraws them).
+    """
+
+    r: int = 256
+    targets: list[str] = field(default_factory=list)
+    projection_prng_key: int = 0
+    d_initial: float = 0.1
+    save_projection: bool = True
+    dropout: float = 0.0
+    method: Literal["vera"] = "vera"
+    __pydantic_config__ = _FORBID
+
+    def __post_init__(self) -> None:
+        _check_rank("vera", self.r)
+
+
+AdapterSpec = LoRA | Bottleneck | IA3 | SSF | BitFit | NormTuning | PromptTuning | LoHa | LoKr | VeRA
 ADAPTER_METHODS: dict[str, type] = {
-    cls.method: cls for cls in (LoRA, Bottleneck, IA3, SSF, BitFit, NormTuning, PromptTuning)
+    cls.method: cls
+    for cls in (LoRA, Bottleneck, IA3, SSF, BitFit, NormTuning, PromptTuning, LoHa, LoKr, VeRA)
 }
 
 

@@ -174,13 +174,13 @@ def test_spec_from_dict_refusals():
     ):
         spec_from_dict({"method": "lora", "rank": 8})
     with refused(
-        "Unknown adapter method 'lorax'; choose one of ['bitfit', 'bottleneck', 'ia3', 'lora', 'norm', "
-        "'prompt', 'ssf']."
+        "Unknown adapter method 'lorax'; choose one of ['bitfit', 'bottleneck', 'ia3', 'loha', 'lokr', "
+        "'lora', 'norm', 'prompt', 'ssf', 'vera']."
     ):
         spec_from_dict({"method": "lorax"})
     with refused(
-        "Unknown adapter method None; choose one of ['bitfit', 'bottleneck', 'ia3', 'lora', 'norm', "
-        "'prompt', 'ssf']."
+        "Unknown adapter method None; choose one of ['bitfit', 'bottleneck', 'ia3', 'loha', 'lokr', "
+        "'lora', 'norm', 'prompt', 'ssf', 'vera']."
     ):
         spec_from_dict({"r": 8})
     assert spec_from_dict({"method": "ia3", "targets": ("q",)}) == IA3(targets=["q"])
@@ -188,11 +188,11 @@ def test_spec_from_dict_refusals():
 
 def test_save_refusals(tmp_path):
     model = add_adapter(Block(), SSF(targets=["q_proj"]), name="task")
-    with refused("Adapter 'task' is ssf; the HF peft format is written for LoRA only."):
+    with refused("Adapter 'task' is ssf; the HF peft format is written for LoRA, LoHa, LoKr and VeRA only."):
         save_adapter(model, tmp_path, format="peft")
     with refused("Unknown adapter format 'onnx'; use 'native' or 'peft'."):
         save_adapter(model, tmp_path, format="onnx")
-    with refused("format='peft' saves LoRA weights only; save heads in the native format."):
+    with refused("format='peft' saves adapter weights only; save heads in the native format."):
         save_adapter(model, tmp_path, format="peft", extra=["head"])
     with refused("The model has adapters ['domain', 'task']; name the one to save."):
         save_adapter(stacked(), tmp_path)
@@ -286,7 +286,7 @@ def test_hf_peft_configs_we_cannot_honour(saved):
     config_path = directory / "adapter_config.json"
     config = {"peft_type": "IA3", "r": 2, "lora_alpha": 4}
     config_path.write_text(json.dumps(config))
-    with refused(f"{config_path}: peft_type 'IA3' is not supported; only LORA."):
+    with refused(f"{config_path}: peft_type 'IA3' is not supported; only LORA, LOHA, LOKR and VERA."):
         load_adapter(base, directory)
     config_path.write_text(json.dumps({**config, "peft_type": "LORA", "rank_pattern": {"q_proj": 4}}))
     with refused(f"{config_path}: per-module rank_pattern is not supported."):

@@ -1,0 +1,78 @@
+"""HF peft's adapter_config.json and tensor keys for LoHa, LoKr and VeRA (files.py writes and reads them).
+
+Per-layer tensors keep their names under `base_model.model.<module path>.`; VeRA's shared projections
+are `base_model.vera_A` and `base_model.vera_B` (written when `save_projection` is set).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from .loha import PARAMETERS as LOHA_PARAMETERS
+from .lokr import PARAMETERS as LOKR_PARAMETERS
+from .specs import AdapterSpec, LoHa, LoKr, VeRA
+from .vera import PARAMETERS as VERA_PARAMETERS
+from .vera import PROJECTIONS
+
+PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA"}
+LAYER_TENSORS = {"loha": LOHA_PARAMETERS, "lokr": LOKR_PARAMETERS, "vera": VERA_PARAMETERS}
+SHARED_KEYS = {key: f"base_model.{key}" for key in PROJECTIONS}  # native key -> peft key
+_COMMON = {"task_type": None, "modules_to_save": None, "init_weights": True, "layers_to_transform": None,
+           "layers_pattern": None, "inference_mode": True}  # fmt: skip
+
+
+def peft_config(spec: AdapterSpec, paths: list[str], base_name: str | None) -> dict[str, Any]:
+    """The adapter_config.json HF peft reads for this spec, targeting exactly `paths`."""
+    config = {"peft_type": PEFT_TYPES[spec.method], **_COMMON, "target_modules": paths,
+              "base_model_name_or_path": base_name}  # fmt: skip
+    if isinstance(spec, VeRA):
+        config.update(r=spec.r, projection_prng_key=spec.projection_prng_key, vera_dropout=spec.dropout,
+                      save_projection=spec.save_projection, d_initial=spec.d_initial, fan_in_fan_out=False,
+                      bias="none")  # fmt: skip
+        return config
+    config.update(r=spec.r, alpha=spec.alpha, rank_dropout=0.0, module_dropout=0.0, rank_pattern={},
+                  alpha_pattern={}, exclude_modules=None,
+                  use_effective_conv2d=spec.use_effective_conv2d)  # fmt: skip
+    if isinstance(spec, LoKr):
+        config.update(decompose_both=spec.decompose_both, decompose_factor=spec.decompose_factor,
+                      rank_dropout_scale=False)  # fmt: skip
+    return config
+
+
+def spec_from_peft(config: dict[str, Any], where: str) -> AdapterSpec:
+    """The spec of a LOHA, LOKR or VERA adapter_config.json (defaults as HF peft's); `where` is the file."""
+    kind = config["peft_type"]
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ValueError(f"{where}: per-module {key} is not supported.")
+    if kind == "VERA":
+        if config.get("fan_in_fan_out") or config.get("bias", "none") != "none":
+            raise ValueError(f"{where}: VeRA with fan_in_fan_out or a trained bias is not supported.")
+        return VeRA(
+            r=config.get("r", 256), projection_prng_key=config.get("projection_prng_key", 0),
+            d_initial=config.get("d_initial", 0.1), save_projection=config.get("save_projection", True),
+            dropout=config.get("vera_dropout", 0.0),
+        )  # fmt: skip
+    dropped = [k for k in ("rank_dropout", "module_dropout") if config.get(k)]
+    if dropped:
+        warnings.warn(f"{where}: {dropped[0]} is not implemented here; the adapter computes the same, but "
+                      "further training runs without it.", stacklevel=3)  # fmt: skip
+    common = {"r": config.get("r", 8), "alpha": config.get("alpha", 8),
+              "use_effective_conv2d": bool(config.get("use_effective_conv2d"))}  # fmt: skip
+    if kind == "LOHA":
+        return LoHa(**common)
+    return LoKr(**common, decompose_both=bool(config.get("decompose_both")),
+                decompose_factor=config.get("decompose_factor", -1))  # fmt: skip
+
+
+def peft_blocker(spec: AdapterSpec, path: str, base: nn.Module) -> str | None:
+    """Why HF peft would compute this method on this layer differently, or None."""
+    if getattr(base, "padding_mode", "zeros") != "zeros":
+        return (
+            f"HF peft computes {type(spec).__name__} on {path!r} without its padding_mode "
+            f"{base.padding_mode!r}; export it in the native format."
+        )
+    return None
