@@ -178,6 +178,22 @@ def _saved_format(folder: Path) -> str:
     )
 
 
+def _pipeline_exporter(run_dir: Path) -> Any:
+    """The run's pipeline's own ``export_peft(source, target)`` (it knows its head), or None."""
+    import yaml
+
+    from pipelines.core.registry import RegistryError, get_pipeline_class
+
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    name = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("pipeline")
+    try:
+        return getattr(get_pipeline_class(name), "export_peft", None) if isinstance(name, str) else None
+    except RegistryError:
+        return None
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     adapters = Path(args.run_dir) / "adapters"
     folders = sorted(p for p in adapters.glob("*") if p.is_dir()) if adapters.is_dir() else []
@@ -192,11 +208,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"no adapters in {adapters}{' named ' + ', '.join(args.adapter) if args.adapter else ''}"
         )
     out = Path(args.out)
+    exporter = _pipeline_exporter(Path(args.run_dir)) if args.format == "peft" else None
     for folder in folders:
         target = out / folder.name
         if target.exists() and not args.force:
             raise FileExistsError(f"{target} exists; choose another --out or pass --force")
-        if _saved_format(folder) == args.format:
+        if exporter is not None and _saved_format(folder) != "peft":
+            exporter(folder, target)  # the pipeline writes its head as peft's modules_to_save
+        elif _saved_format(folder) == args.format:
             shutil.copytree(folder, target, dirs_exist_ok=True)
         else:
             try:

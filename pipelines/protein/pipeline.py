@@ -70,6 +70,13 @@ class _ProteinPipeline:
     BASELINES = ("one_hot", "linear_probe")
     SPEC_BASELINES = True  # the engine trains a spec in compare like the last stage
 
+    @staticmethod
+    def export_peft(source: Path, target: Path) -> Path:
+        """``peft-pipelines export --format peft``: the adapter and its head as HF peft loads them."""
+        from pipelines.protein import adapters
+
+        return adapters.export_peft(source, target)
+
     def __init__(
         self,
         backbone: str | nn.Module = "esm2_small_random",
