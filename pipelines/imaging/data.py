@@ -5,6 +5,11 @@ train/val/test; :func:`build_transforms` makes the MONAI chain (load, channel fi
 [0, 1], resize, augmentation for training only) and :func:`make_dataset` wraps records in a MONAI
 ``Dataset`` or ``CacheDataset``. Grey images stay one channel here; the backbone repeats the channel when
 its network wants three.
+
+Augmentation draws from NumPy's global generator, which the training loop seeds, saves in checkpoints and
+PyTorch seeds per DataLoader worker: the same recipe and seed give the same augmented batches, a resumed
+run continues the stream exactly, and workers do not repeat each other (MONAI's default generators are
+seeded from the operating system, so every run differed, and copied into every worker).
 """
 
 from __future__ import annotations
@@ -260,7 +265,11 @@ def build_transforms(options: TransformOptions, train: bool, spatial_dims: int =
                 )
             )
     chain.append(mt.EnsureTyped(keys, dtype=np.float32, track_meta=False))
-    return mt.Compose(chain)
+    compose = mt.Compose(chain)
+    for transform in compose.transforms:  # see the module docstring
+        if isinstance(transform, mt.Randomizable):
+            transform.set_random_state(state=np.random.mtrand._rand)
+    return compose
 
 
 def make_dataset(records: list[dict], transform, cache_rate: float = 0.0):

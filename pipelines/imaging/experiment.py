@@ -134,10 +134,14 @@ class ImagingExperiment:
         self.info["splits"]["train"] = len(records)
 
     def new_model(self) -> nn.Module:
-        """A classifier on a copy of the backbone with only its head trainable (lab code: the pipe's own)."""
+        """A classifier on a copy of the backbone with only its head trainable (lab code: the pipe's own).
+
+        Every candidate's head starts from the recipe's seed (so do the adapters added right after it).
+        """
         if self.recipe is None:
             return self.pipe.model or self.pipe.build_model()
         options = self._stage_options(self.recipe.stages[0])
+        torch.manual_seed(self.recipe.seed)
         return build_classifier(
             self.backbone, "linear_probe", None, self.outputs, self.task, "task", options.head_dropout,
             options.update_batchnorm_stats,

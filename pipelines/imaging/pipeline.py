@@ -167,8 +167,12 @@ class ImagingClassificationPipeline:
         return self.num_classes
 
     def build_model(self):
-        """A fresh classifier prepared for this pipeline's method (also used by ``fit``)."""
+        """A fresh classifier prepared for this pipeline's method (also used by ``fit``); its head and
+        adapter start from ``seed``, as a recipe's models do."""
+        import torch
+
         backbone = self.load_backbone()
+        torch.manual_seed(self.seed)
         model, resolved = build_classifier(
             backbone, self.method, self.adapter, self._outputs(), self.task, self.name, self.head_dropout,
             self.update_batchnorm_stats,

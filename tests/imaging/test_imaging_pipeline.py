@@ -125,6 +125,37 @@ def test_compare_takes_full_adapter_specs_with_explicit_or_default_targets(tmp_p
     )
 
 
+def test_lab_code_fit_trains_the_model_a_recipe_trains(tmp_path, npz_file, tiny_vit):
+    """Same backbone, data, adapter and budget: fit() gives the recipe's primary model, bit for bit (with
+    augmentation, which both draw from the seeded NumPy generator), and its validation threshold."""
+    from pipelines.core.recipe import load_recipe
+    from pipelines.imaging.data import load_dataset_splits
+    from pipelines.imaging.pipeline import ImagingClassificationPipeline
+
+    recipe = load_recipe(_recipe(tmp_path, npz_file, tiny_vit, "[]"))
+    pipe = ImagingClassificationPipeline.from_recipe(recipe)
+    result = pipe.run(tmp_path / "run")
+    stage = recipe.stages[0]
+    lab = create_pipeline(
+        "imaging/classification", backbone=pipe.backbone, adapter=stage.adapter, train=stage.train,
+        transforms=pipe.options.data.transforms, bootstrap=50,
+    )  # fmt: skip
+    splits, _ = load_dataset_splits(None, str(npz_file))
+    lab.fit(splits["train"], splits["val"])
+    y_true, y_score = lab.predict(splits["test"])
+    assert np.array_equal(y_true, result.predictions["lora"][0])
+    assert np.array_equal(y_score, result.predictions["lora"][1])
+    assert lab.threshold == result.results["lora"].threshold
+    assert lab.evaluate(splits["test"])["auroc"].value == result.results["lora"]["auroc"].value
+
+
+def test_a_recipe_run_repeats_exactly_with_its_seed(tmp_path, npz_file, tiny_vit):
+    recipe = _recipe(tmp_path, npz_file, tiny_vit, "[linear_probe]")
+    first, second = (run_recipe(recipe, output_dir=tmp_path / name) for name in ("a", "b"))
+    reports = [json.loads((run / "report.json").read_text())["results"] for run in (first, second)]
+    assert reports[0] == reports[1]  # augmentation included: MONAI's own generators are seeded by the OS
+
+
 def test_lab_code_ssf_on_a_monai_densenet_keeps_the_backbone_frozen(tmp_path, tiny_densenet):
     from monai.data import Dataset
 
