@@ -209,3 +209,59 @@ def test_cast_cache_serves_autocast_and_float32_forwards_apart(fused_calls):
     assert (low.dtype, full.dtype) == (torch.bfloat16, torch.float32)
     torch.testing.assert_close(full, plain(model, x), atol=1e-6, rtol=0)
     assert relative_error(low, bf16_reference(model, x)) < 1e-2
+
+
+class SharedInput(nn.Module):
+    """Three projections of one input, as q, k and v read one normed hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+def test_projections_of_one_float32_input_share_its_autocast_cast(monkeypatch):
+    from pipelines.core.peft import lora
+
+    model = SharedInput().requires_grad_(False)
+    add_adapter(model, LoRA(r=4, alpha=8, targets=["q", "k", "v"]))
+    perturb_adapters(model, scale=0.3)
+    inputs = []
+    original = lora._FusedLoRALinear.apply
+    monkeypatch.setattr(
+        lora._FusedLoRALinear, "apply", lambda x, *rest: inputs.append(x) or original(x, *rest)
+    )
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shared = model(x)
+    assert len(inputs) == 3 and inputs[0] is inputs[1] is inputs[2]  # one cast, one saved copy
+    weights = torch.randn(shared.shape, generator=torch.Generator().manual_seed(7))
+    (shared.float() * weights).sum().backward()
+    got = [shared.detach(), x.grad] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(), x.grad.zero_()
+    monkeypatch.setattr(lora, "_cast_input", lambda h, dtype: h.to(dtype))  # every projection casts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        separate = model(x)
+    assert inputs[3] is not inputs[4]
+    (separate.float() * weights).sum().backward()
+    expected = [separate.detach(), x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+    assert torch.equal(got[0], expected[0])
+    assert relative_error(got[1], expected[1]) < 1e-2  # the shared cast sums x's gradient in bf16
+    for mine, theirs in zip(got[2:], expected[2:], strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_an_input_changed_in_place_is_cast_again():
+    model = SharedInput().requires_grad_(False)
+    add_adapter(model, LoRA(r=4, targets=["q", "k"]))
+    perturb_adapters(model, scale=0.3)
+    x = torch.randn(4, 16)
+    before = x.clone()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.q(x)  # casts x
+        x.mul_(2)
+        second = model.k(x)  # a stale cast would give k(before)
+        expected, stale = model.k(x.clone()), model.k(before)
+    assert torch.equal(second, expected) and not torch.equal(second, stale)
