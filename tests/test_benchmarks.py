@@ -1,0 +1,47 @@
+"""benchmarks/pipeline_step.py: the CPU configuration's smallest case, every row, one timed step."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import pipeline_step  # noqa: E402
+from pipeline_cases import build_case  # noqa: E402
+
+
+def test_cpu_speech_case_times_every_row_with_the_same_adapters_on_both_lora_sides():
+    rows = pipeline_step.measure("cpu", "speech", list(pipeline_step.ROWS), torch.device("cpu"), 1, 1)
+    by_row = {row["row"]: row for row in rows}
+    assert list(by_row) == ["floor", "full", "hf_peft", "pipeline"]
+    assert all(row["step_ms"] > 0 and row["steps_timed"] == 1 and row["peak_gib"] is None for row in rows)
+    model = build_case("cpu", "speech", 2).new_model()
+    assert by_row["floor"]["trainable_parameters"] == 0
+    assert by_row["full"]["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    lora = by_row["pipeline"]["trainable_parameters"]
+    # r=4 on every proj (hidden 64 in and out): A (4 x 64) and B (64 x 4) on 5 layers
+    assert lora == 5 * 2 * 4 * 64 == by_row["hf_peft"]["trainable_parameters"]
+    assert by_row["pipeline"]["precision"] == {
+        "compute_dtype": "float32", "frozen_dtype": "float32", "cast_parameters": 0,
+    }  # fmt: skip
+    table = pipeline_step.table(rows).splitlines()
+    assert table[2].startswith("| speech | frozen floor |") and "| 1.00 |" in table[2]
+    assert len(table) == 6 and all(line.endswith("frames/s |") for line in table[2:])
+
+
+def test_hf_peft_targets_are_the_modules_the_pipeline_adapts():
+    case = build_case("cpu", "clinical", 2)
+    model = case.new_model()
+    names = {name: pipeline_step.target_names(model, list(spec.targets)) for name, spec in case.adapters}
+    assert (
+        names["domain"]
+        == names["task"]
+        == [f"lm.model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    )
+    ours = pipeline_step.prepare(case, "ours")
+    theirs = pipeline_step.prepare(case, "hf_peft")
+    count = {m: sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, theirs)}
+    assert count[ours] == count[theirs] > 0  # both adapters and the head train on both sides
