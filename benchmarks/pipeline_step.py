@@ -42,7 +42,7 @@ from pipelines.core.peft.inject import logical_modules, matches  # noqa: E402
 from pipelines.core.precision import apply_precision_policy  # noqa: E402
 from pipelines.core.training import TrainConfig  # noqa: E402
 
-ROWS = ("floor", "full", "hf_peft", "pipeline")
+ROWS = ("floor", "full", "hf_peft", "ours", "pipeline")
 WARMUP = {"gpu": 3, "cpu": 1}
 
 
@@ -90,7 +90,7 @@ def prepare(case: Case, row: str) -> torch.nn.Module:
         case.input_module(model).register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
     elif row == "hf_peft":
         add_hf_peft(case, model)
-    elif row == "ours":  # this package's LoRA in the plain loop (not a reported row; for checks)
+    elif row == "ours":  # this package's LoRA in the plain loop: the LoRA apart from the core loop
         for name, spec in case.adapters:
             add_adapter(case.adapter_root(model), spec, name=name)
         set_trainable(model, [name for name, _ in case.adapters], extra=case.heads)
@@ -247,6 +247,7 @@ def table(rows: list[dict]) -> str:
         "floor": "frozen floor",
         "full": "full fine-tuning (AdamW)",
         "hf_peft": "HF peft LoRA, plain loop",
+        "ours": "peft-pipelines LoRA, plain loop",
         "pipeline": "**pipeline's own step** (core loop)",
     }
     for row in rows:

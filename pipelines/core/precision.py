@@ -193,7 +193,7 @@ def _hook_modules(model: nn.Module, policy: PrecisionPolicy, cast: set[int]) -> 
     the others. Hooks stay registered (a deep copy keeps them, with the setting they read)."""
     setting = (policy.device_type, policy.compute_dtype or torch.bfloat16)
     for module in model.modules():
-        if any(id(p) in cast for p in module.parameters()):
+        if cast and any(id(p) in cast for p in module.parameters()):
             if not any(hook is _enter for hook in module._forward_pre_hooks.values()):
                 module.register_forward_pre_hook(_enter)
                 module.register_forward_hook(_exit, always_call=True)
