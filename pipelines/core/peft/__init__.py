@@ -5,7 +5,10 @@ Every domain pipeline adapts its backbone through this module only.
 
 from __future__ import annotations
 
+from .arithmetic import add_weighted_adapter
+from .compose import Fuse, Parallel, active_composition, compose
 from .files import convert_adapter, load_adapter, save_adapter
+from .fusion_files import load_fusion, remove_fusion, save_fusion
 from .inject import (
     ParameterCount,
     adapter_names,
@@ -23,6 +26,7 @@ from .inject import (
 from .layers import AdaptedLayer
 from .norm import is_norm, unsupported_norm
 from .prompt import extend_attention_mask
+from .routing import adapter_routing
 from .specs import (
     ADAPTER_METHODS,
     IA3,
@@ -48,4 +52,7 @@ __all__ = [
     "extend_attention_mask", "is_norm", "load_adapter", "merge", "merge_and_unload", "remove_adapter",
     "save_adapter", "set_trainable", "spec_from_dict", "spec_to_dict", "unmerge", "unsupported_norm",
     "wrappers",
+    # compositions, routing and arithmetic (compose.py, fusion_files.py, routing.py, arithmetic.py)
+    "Fuse", "Parallel", "active_composition", "adapter_routing", "add_weighted_adapter", "compose",
+    "load_fusion", "remove_fusion", "save_fusion",
 ]  # fmt: skip

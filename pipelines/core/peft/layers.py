@@ -101,6 +101,10 @@ class AdaptedLayer(nn.Module):
         return [adapter for adapter in self.adapters.values() if not adapter.merged]
 
     def forward(self, x, *args, **kwargs):
+        # A composition (compose.py) or per-example routing (routing.py) computes the layer instead.
+        composed = self.__dict__.get("composed")
+        if composed is not None and not self.disabled:
+            return composed(self, x, *args, **kwargs)
         active = self.active()
         base = self.base_layer
         if not active:
