@@ -91,9 +91,12 @@ def prepare(case: Case, row: str) -> torch.nn.Module:
     elif row == "hf_peft":
         add_hf_peft(case, model)
     elif row == "ours":  # this package's LoRA in the plain loop: the LoRA apart from the core loop
+        root = case.adapter_root(model)
         for name, spec in case.adapters:
-            add_adapter(case.adapter_root(model), spec, name=name)
-        set_trainable(model, [name for name, _ in case.adapters], extra=case.heads)
+            add_adapter(root, spec, name=name)
+        set_trainable(root, [name for name, _ in case.adapters])
+        for head in case.heads:
+            model.get_submodule(head).requires_grad_(True)
     return model
 
 

@@ -14,7 +14,8 @@ In float32 compute nothing is cast, and parameters cast earlier go back to float
 A model whose weights are bf16 cannot take float32 activations outside autocast, so the policy also
 hooks the modules that hold cast weights: their outermost call (predictions after training, a reload
 check, lab code) enters the same bf16 autocast; inside `train`, which enters it itself, the hooks do
-nothing. Parameters are cast through `param.data`, so tied and shared parameters (a backbone shared by
+nothing (a Ctrl-C inside such a call leaves autocast on until that module is called again). Parameters
+are cast through `param.data`, so tied and shared parameters (a backbone shared by
 several candidate models) stay one tensor, in one dtype.
 """
 
@@ -118,13 +119,15 @@ def apply_precision_policy(
             frozen = not parameter.requires_grad and not hasattr(parameter, _TRAINED)
             target = policy.frozen_dtype if frozen else torch.float32
             original = getattr(parameter, _CAST_FROM, None)
-            if target != torch.float32 and original is None:
-                setattr(parameter, _CAST_FROM, parameter.dtype)
-                parameter.data = parameter.data.to(target)
-            elif target == torch.float32 and original is not None:
+            if target != torch.float32:
+                if original is None:
+                    setattr(parameter, _CAST_FROM, parameter.dtype)
+                if parameter.dtype != target:  # also after a model.float() that undid an earlier cast
+                    parameter.data = parameter.data.to(target)
+            elif original is not None:
+                restored += parameter.dtype != original
                 parameter.data = parameter.data.to(original)
                 delattr(parameter, _CAST_FROM)
-                restored += 1
     cast = [p for p in _castable(model).values() if hasattr(p, _CAST_FROM)]
     _hook_modules(model, policy, {id(p) for p in cast})
     trainable = sorted({_name(p.dtype) for p in model.parameters() if p.requires_grad})

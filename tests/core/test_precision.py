@@ -73,6 +73,8 @@ def test_cuda_policy_casts_frozen_layer_weights_and_keeps_norms_adapters_and_hea
     }  # fmt: skip
     assert apply_precision_policy(model, device_type="cuda") == report  # idempotent
     assert dtypes(model) == kinds
+    model.float()  # the user undoes the cast: the next run casts again
+    assert apply_precision_policy(model, device_type="cuda") == report and dtypes(model) == kinds
 
 
 @pytest.mark.parametrize(
