@@ -27,9 +27,11 @@ from .layers import AdaptedLayer
 from .norm import is_norm, unsupported_norm
 from .prompt import extend_attention_mask
 from .routing import adapter_routing
+from .salience import select_salient_channels
 from .specs import (
     ADAPTER_METHODS,
     IA3,
+    SCT,
     SSF,
     AdapterSpec,
     BitFit,
@@ -38,7 +40,9 @@ from .specs import (
     LoKr,
     LoRA,
     NormTuning,
+    PrefixTuning,
     PromptTuning,
+    PTuning,
     VeRA,
     as_spec,
     spec_from_dict,
@@ -55,4 +59,6 @@ __all__ = [
     # compositions, routing and arithmetic (compose.py, fusion_files.py, routing.py, arithmetic.py)
     "Fuse", "Parallel", "active_composition", "adapter_routing", "add_weighted_adapter", "compose",
     "load_fusion", "remove_fusion", "save_fusion",
+    # P-tuning, prefix tuning and salient channel tuning (ptuning.py, prefix.py, sct.py, salience.py)
+    "PTuning", "PrefixTuning", "SCT", "select_salient_channels",
 ]  # fmt: skip

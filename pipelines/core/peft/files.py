@@ -4,11 +4,14 @@ Native: keys `<module path>.<adapter tensor>` (e.g. `model.layers.0.self_attn.q_
 `extra` head modules, their own state-dict keys; the config records the spec, the exact module paths and
 the head modules, so loading needs no target matching; VeRA's shared projections are `vera_A`, `vera_B`.
 HF peft (LoRA, LoHa, LoKr, VeRA): keys `base_model.model.<module path>.lora_A.weight` (`.hada_w1_a`, ...) and
-that method's config JSON (see peft_format.py). Files are written atomically.
+that method's config JSON (see peft_format.py); P-tuning and prefix tuning: `prompt_embeddings`, the encoder's
+output, which needs the model to write or read. SCT files record the chosen channels (`channel_index`, and
+`selected` in the spec). Files are written atomically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -20,9 +23,20 @@ from torch import nn
 from pipelines.core.files import atomic_write
 
 from .inject import _select, adapter_names, adapter_specs, add_adapter, remove_adapter, wrappers
-from .methods import load_shared, shared_keys, shared_tensors
-from .peft_format import LAYER_TENSORS, PEFT_TYPES, SHARED_KEYS, peft_blocker, peft_config, spec_from_peft
-from .specs import LoRA, spec_from_dict, spec_to_dict
+from .methods import PROMPT_METHODS, load_shared, shared_keys, shared_tensors
+from .peft_format import (
+    LAYER_TENSORS,
+    PEFT_TYPES,
+    PROMPT_TENSOR,
+    PROMPT_TYPES,
+    SHARED_KEYS,
+    peft_blocker,
+    peft_config,
+    prompt_files,
+    prompt_spec_from_peft,
+    spec_from_peft,
+)
+from .specs import SCT, LoRA, spec_from_dict, spec_to_dict
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -36,12 +50,17 @@ def _layer_adapters(model: nn.Module, name: str) -> list[nn.Module]:
 
 
 def _adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    tensors, paths = {}, []
+    tensors, paths, spec = {}, [], adapter_specs(model)[name]
     for path, wrapper in wrappers(model):
         if name in wrapper.adapters:
             adapter = wrapper.adapters[name]
             if adapter.merged:
                 raise ValueError(f"Adapter {name!r} is merged on {path!r}; unmerge(model) before saving it.")
+            if isinstance(spec, SCT) and not adapter.calibrated:
+                raise ValueError(
+                    f"SCT adapter {name!r} on {path!r} has not chosen its channels yet; run "
+                    f"{spec.calibration_batches} training batches or select_salient_channels first."
+                )
             paths.append(path)
             for key, value in adapter.state_dict().items():
                 tensors[f"{path}.{key}"] = value.detach().contiguous()
@@ -75,13 +94,19 @@ def save_adapter(
         blocker = _peft_blocker(model, spec, name, paths)
         if blocker:
             raise ValueError(blocker)
-        tensors, config = _peft_files(spec, tensors, paths, base_name)
+        if spec.method in PROMPT_METHODS:
+            tensors, config = prompt_files(spec, _layer_adapters(model, name)[0], base_name)
+        else:
+            tensors, config = _peft_files(spec, tensors, paths, base_name)
     elif format == "native":
         heads = []
         for item in _select(model, list(extra), "save_adapter extra") if extra else []:
             heads.append(item.name)
             for key, value in item.module.state_dict().items():
                 tensors[f"{item.name}.{key}"] = value.detach().contiguous()
+        if isinstance(spec, SCT):  # the config states the chosen channels
+            chosen = [a.channel_index.tolist() for a in _layer_adapters(model, name)]
+            spec = dataclasses.replace(spec, selected=dict(zip(paths, chosen, strict=True)))
         config = {"format": "peft-pipelines", "name": name, "spec": spec_to_dict(spec), "modules": paths,
                   "extra_modules": heads, "peft_blocker": _peft_blocker(model, spec, name, paths),
                   "base_model_name_or_path": base_name}  # fmt: skip
@@ -94,13 +119,17 @@ def save_adapter(
 
 def _peft_blocker(model: nn.Module, spec, name: str, paths: list[str]) -> str | None:
     """Why adapter `name` cannot be written in HF peft's format, or None when it can."""
+    if spec.method in PROMPT_METHODS:
+        if len(paths) != 1:
+            return f"HF peft holds one prompt per model; adapter {name!r} has {len(paths)}."
+        return None
     if spec.method in PEFT_TYPES:
         layers = [(path, w.base_layer) for path, w in wrappers(model) if path in paths]
         return next((r for r in (peft_blocker(spec, path, base) for path, base in layers) if r), None)
     if not isinstance(spec, LoRA):
         return (
-            f"Adapter {name!r} is {spec.method}; the HF peft format is written for LoRA, LoHa, LoKr and VeRA "
-            "only."
+            f"Adapter {name!r} is {spec.method}; the HF peft format is written for LoRA, LoHa, LoKr, VeRA, "
+            "P-tuning and prefix tuning only."
         )
     for path, wrapper in wrappers(model):
         if path in paths:
@@ -133,6 +162,12 @@ def _peft_files(spec, tensors, paths, base_name) -> tuple[dict[str, torch.Tensor
     return renamed, config
 
 
+_NEEDS_MODEL = (
+    "a P-tuning or prefix adapter's HF peft file is its encoder's output, computed in its model; "
+    "load_adapter(model, ...) and save_adapter(model, ..., format=...) instead."
+)
+
+
 def convert_adapter(source: str | Path, target: str | Path, format: str) -> Path:
     """Rewrites a saved adapter in the other format ("native" <-> "peft") without needing its model."""
     source, target = Path(source), Path(target)
@@ -143,6 +178,8 @@ def convert_adapter(source: str | Path, target: str | Path, format: str) -> Path
             reason = config.get("peft_blocker") or "it holds head modules, which HF peft files do not carry."
             raise ValueError(f"{source} cannot be converted to the HF peft format: {reason}")
         spec = spec_from_dict(config["spec"])
+        if spec.method in PROMPT_METHODS:
+            raise ValueError(f"{source}: {_NEEDS_MODEL}")
         tensors, config = _peft_files(spec, tensors, config["modules"], config.get("base_model_name_or_path"))
     elif format == "native" and not native:
         spec, paths, tensors = _from_peft(config, tensors, source)
@@ -191,13 +228,19 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         ) from None
 
 
-def _from_peft(config: dict, tensors: dict[str, torch.Tensor], directory: Path):
+def _from_peft(
+    config: dict, tensors: dict[str, torch.Tensor], directory: Path, model: nn.Module | None = None
+):
+    if config.get("peft_type") in PROMPT_TYPES.values():
+        if model is None:
+            raise ValueError(f"{directory}: {_NEEDS_MODEL}")
+        return _from_peft_prompt(config, tensors, directory, model)
     if config.get("peft_type") in PEFT_TYPES.values():
         return _from_peft_loha_lokr_vera(config, tensors, directory)
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is not supported; only LORA, LOHA, "
-            "LOKR and VERA."
+            "LOKR, VERA, P_TUNING and PREFIX_TUNING."
         )
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
@@ -240,6 +283,20 @@ def _from_peft_loha_lokr_vera(config: dict, tensors: dict[str, torch.Tensor], di
     return spec, paths, renamed
 
 
+def _from_peft_prompt(config: dict, tensors: dict[str, torch.Tensor], directory: Path, model: nn.Module):
+    spec = prompt_spec_from_peft(config, str(directory / CONFIG))
+    if set(tensors) != {PROMPT_TENSOR}:
+        raise ValueError(
+            f"{directory / WEIGHTS} should hold only {PROMPT_TENSOR!r}; it has {sorted(tensors)}."
+        )
+    hosts = [item.name for item in _select(model, list(spec.targets), f"The {spec.method} adapter")]
+    if len(hosts) != 1:
+        raise ValueError(
+            f"{directory}: {type(model).__name__} has {len(hosts)} token embeddings ({hosts}); expected one."
+        )
+    return spec, hosts, {f"{hosts[0]}.embedding.weight": tensors[PROMPT_TENSOR]}
+
+
 def _check_tensors(
     model: nn.Module, name: str, tensors: dict[str, torch.Tensor], heads: list[str], directory: Path
 ) -> tuple[dict, dict]:
@@ -277,7 +334,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         )
         name = name or config["name"]
     else:
-        spec, paths, tensors = _from_peft(config, tensors, directory)
+        spec, paths, tensors = _from_peft(config, tensors, directory, model)
         heads, name = [], name or "default"
     shared = {key: tensors.pop(key) for key in shared_keys(spec) if key in tensors}
     exact = [f"re:{re.escape(p)}" for p in paths]

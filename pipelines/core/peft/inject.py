@@ -174,7 +174,7 @@ def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default") -> n
     built = [
         (item, _build(spec, item.module, item.name)) for item in selected
     ]  # fail before changing anything
-    finish_build(spec, [adapter for _, adapter in built])  # VeRA: one projection pair for all its layers
+    finish_build(spec, built, model)  # VeRA's shared projections; P-tuning and prefix hook their model
     for item, adapter in built:
         if item.wrapper is not None and len(item.wrapper.adapters) and _must_be_first(adapter):
             what = "DoRA" if getattr(spec, "use_dora", False) else spec.method

@@ -1,23 +1,42 @@
-"""The table through which inject.py builds LoHa, LoKr and VeRA layers, and the state their layers share."""
+"""The table through which inject.py builds LoHa, LoKr, VeRA, P-tuning, prefix, SCT layers; what they share.
+
+VeRA's layers share projections; P-tuning and prefix adapters attach to the model that owns their embedding.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from .loha import LoHaAdapter
 from .lokr import LoKrAdapter
+from .prefix import PrefixAdapter
+from .ptuning import PTuningAdapter
+from .sct import SCTAdapter
 from .specs import AdapterSpec
 from .vera import PROJECTIONS, VeRAAdapter, load_projections, projection_tensors, share_projections
 
 # method -> the adapter class, built as cls(layer, spec, layer name)
-BUILDERS: dict[str, type[nn.Module]] = {"loha": LoHaAdapter, "lokr": LoKrAdapter, "vera": VeRAAdapter}
+BUILDERS: dict[str, type[nn.Module]] = {
+    "loha": LoHaAdapter, "lokr": LoKrAdapter, "vera": VeRAAdapter, "ptuning": PTuningAdapter,
+    "prefix": PrefixAdapter, "sct": SCTAdapter,
+}  # fmt: skip
+PROMPT_METHODS = ("ptuning", "prefix")  # they change the owning model's call (model_call.py)
 
 
-def finish_build(spec: AdapterSpec, adapters: list[nn.Module]) -> None:
-    """Runs once all of one adapter's layers are built: VeRA's layers get their shared projections."""
+def finish_build(spec: AdapterSpec, built: list[tuple[Any, nn.Module]], model: nn.Module) -> None:
+    """Runs once all of one adapter's layers are built ((LogicalModule, adapter) pairs), before any is added.
+
+    VeRA's layers get their shared projections; P-tuning and prefix adapters find and hook their owning model.
+    """
+    adapters = [adapter for _, adapter in built]
     if spec.method == "vera":
         share_projections(spec, adapters)
+    if spec.method in PROMPT_METHODS:
+        for item, adapter in built:
+            adapter.attach(model, item.name)
 
 
 def shared_keys(spec: AdapterSpec) -> tuple[str, ...]:

@@ -1,7 +1,10 @@
-"""HF peft's adapter_config.json and tensor keys for LoHa, LoKr and VeRA (files.py writes and reads them).
+"""HF peft's adapter_config.json and tensor keys for LoHa, LoKr, VeRA, P-tuning and prefix tuning (files.py).
 
 Per-layer tensors keep their names under `base_model.model.<module path>.`; VeRA's shared projections
-are `base_model.vera_A` and `base_model.vera_B` (written when `save_projection` is set).
+are `base_model.vera_A` and `base_model.vera_B` (written when `save_projection` is set). A P-tuning or prefix
+file holds one tensor, `prompt_embeddings`: the encoder's output (what HF peft's get_peft_model_state_dict
+writes and, in inference mode, uses as the prompt), so it loads here as PTuning(encoder="none") or
+PrefixTuning(prefix_projection=False), which compute the same.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from torch import nn
 
 from .loha import PARAMETERS as LOHA_PARAMETERS
 from .lokr import PARAMETERS as LOKR_PARAMETERS
-from .specs import AdapterSpec, LoHa, LoKr, VeRA
+from .prefix import key_value_shape
+from .specs import AdapterSpec, LoHa, LoKr, PrefixTuning, PTuning, VeRA
 from .vera import PARAMETERS as VERA_PARAMETERS
 from .vera import PROJECTIONS
 
 PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA"}
 LAYER_TENSORS = {"loha": LOHA_PARAMETERS, "lokr": LOKR_PARAMETERS, "vera": VERA_PARAMETERS}
 SHARED_KEYS = {key: f"base_model.{key}" for key in PROJECTIONS}  # native key -> peft key
+PROMPT_TYPES = {"ptuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
+PROMPT_TENSOR = "prompt_embeddings"
 _COMMON = {"task_type": None, "modules_to_save": None, "init_weights": True, "layers_to_transform": None,
            "layers_pattern": None, "inference_mode": True}  # fmt: skip
 
@@ -76,3 +82,38 @@ def peft_blocker(spec: AdapterSpec, path: str, base: nn.Module) -> str | None:
             f"{base.padding_mode!r}; export it in the native format."
         )
     return None
+
+
+def prompt_files(spec: AdapterSpec, adapter: nn.Module, base_name: str | None) -> tuple[dict, dict[str, Any]]:
+    """HF peft's tensors and config of an attached P-tuning or prefix adapter (its encoder's output)."""
+    owner = adapter.__dict__["owner"][0]
+    config = owner.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    task = "CAUSAL_LM" if type(owner).__name__.endswith("ForCausalLM") else "FEATURE_EXTRACTION"
+    common = {"peft_type": PROMPT_TYPES[spec.method], "task_type": task, "inference_mode": True,
+              "num_virtual_tokens": spec.num_tokens, "num_transformer_submodules": 1, "num_layers": layers,
+              "modules_to_save": None, "base_model_name_or_path": base_name, "revision": None}  # fmt: skip
+    if isinstance(spec, PTuning):
+        common.update(token_dim=adapter.embedding.embedding_dim, num_attention_heads=heads,
+                      encoder_reparameterization_type="LSTM" if spec.encoder == "lstm" else "MLP",
+                      encoder_hidden_size=adapter.hidden_size, encoder_num_layers=spec.encoder_num_layers,
+                      encoder_dropout=spec.encoder_dropout)  # fmt: skip
+    else:
+        _, kv_heads, head_width = key_value_shape(config)
+        common.update(token_dim=kv_heads * head_width, num_attention_heads=kv_heads, init_weights=None,
+                      encoder_hidden_size=adapter.encoder_hidden_size, prefix_projection=False)  # fmt: skip
+    return {PROMPT_TENSOR: adapter.exported()}, common
+
+
+def prompt_spec_from_peft(config: dict[str, Any], where: str) -> AdapterSpec:
+    """The spec of a P_TUNING or PREFIX_TUNING adapter_config.json, computing what its file holds."""
+    if config.get("num_transformer_submodules") not in (None, 1):
+        raise ValueError(
+            f"{where}: prompts for encoder-decoder models (num_transformer_submodules 2) are not supported."
+        )
+    tokens = config.get("num_virtual_tokens")
+    if not isinstance(tokens, int):
+        raise ValueError(f"{where} has no integer num_virtual_tokens; it is not a complete HF peft config.")
+    if config["peft_type"] == "P_TUNING":
+        return PTuning(num_tokens=tokens, encoder="none")
+    return PrefixTuning(num_tokens=tokens, prefix_projection=False)

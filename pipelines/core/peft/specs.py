@@ -203,10 +203,121 @@ class VeRA:
         _check_rank("vera", self.r)
 
 
-AdapterSpec = LoRA | Bottleneck | IA3 | SSF | BitFit | NormTuning | PromptTuning | LoHa | LoKr | VeRA
+_TOKEN_EMBEDDING = r"re:(.*\.)?(embed_tokens|word_embeddings)"
+
+
+def _check_tokens(method: str, num_tokens: int) -> None:
+    if num_tokens < 1:
+        raise ValueError(
+            f"The {method} num_tokens must be a positive integer, not {num_tokens}; set 20, say."
+        )
+
+
+@dataclass(frozen=True)
+class PTuning:
+    """P-tuning (Liu et al. 2021): a prompt encoder's output, `num_tokens` vectors before the token embeds.
+
+    As HF peft's PromptEncoderConfig: `encoder="mlp"` maps learned embeddings through three Linear layers
+    (ReLU between), `"lstm"` through a bidirectional LSTM of `encoder_num_layers` and two Linear layers;
+    `encoder_hidden_size` defaults to the embedding width. `"none"` trains the encoded prompt itself, which is
+    what HF peft files hold (loading one gives it). Targets the token embedding of a LlamaForCausalLM,
+    LlamaModel, BertModel or EsmModel (see ptuning.py for how the model's call changes).
+    """
+
+    num_tokens: int = 20
+    encoder: Literal["mlp", "lstm", "none"] = "mlp"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: [_TOKEN_EMBEDDING])
+    method: Literal["ptuning"] = "ptuning"
+    __pydantic_config__ = _FORBID
+
+    def __post_init__(self) -> None:
+        _check_tokens("ptuning", self.num_tokens)
+
+
+@dataclass(frozen=True)
+class PrefixTuning:
+    """Prefix tuning (Li & Liang 2021): `num_tokens` trained keys and values before each attention layer's.
+
+    As HF peft's PrefixTuningConfig: the prefixes are an embedding of shape (num_tokens, layers x 2 x
+    key-value width), or with `prefix_projection` an embedding of the key-value width mapped by Linear, tanh,
+    Linear (hidden `encoder_hidden_size`, default that width). For LlamaForCausalLM, LlamaModel and
+    BertModel; its target is the model's token embedding, which holds the prefix encoder (see prefix.py).
+    """
+
+    num_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    targets: list[str] = field(default_factory=lambda: [_TOKEN_EMBEDDING])
+    method: Literal["prefix"] = "prefix"
+    __pydantic_config__ = _FORBID
+
+    def __post_init__(self) -> None:
+        _check_tokens("prefix", self.num_tokens)
+
+
+@dataclass(frozen=True)
+class SCT:
+    """Salient channel tuning (Zhao et al. 2023): a K x K map added to K chosen output channels of a target.
+
+    out[..., S] += scale * (W out[..., S] + b), with S the `top_k` channels (or `fraction` of them, 1/8 if
+    neither is set) of largest activation L2 norm. `select_salient_channels` measures them on given batches
+    and returns this spec with `selected` (layer path -> channel indices); without `selected`, the first
+    `calibration_batches` training-mode forward passes measure them. W and b start at zero (the paper draws
+    W from N(0, 0.02)), so the model starts as its base; `bias: false` drops b, so that the map merges into a
+    layer without a bias (LLaMA's). `channels` is the output width when a target is a whole block rather
+    than a Linear, Embedding, convolution or norm layer.
+    """
+
+    targets: list[str] = field(default_factory=list)
+    top_k: int | None = None
+    fraction: float | None = None
+    scale: float = 1.0
+    bias: bool = True
+    selected: dict[str, list[int]] = field(default_factory=dict)
+    calibration_batches: int = 8
+    channels: int | None = None
+    method: Literal["sct"] = "sct"
+    __pydantic_config__ = _FORBID
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.fraction is not None:
+            raise ValueError("SCT takes top_k or fraction, not both; drop one of them.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"The sct top_k must be a positive integer, not {self.top_k}.")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"The sct fraction must be in (0, 1], not {self.fraction}.")
+        if self.calibration_batches < 1:
+            raise ValueError(f"The sct calibration_batches must be positive, not {self.calibration_batches}.")
+
+    def count(self, width: int) -> int:
+        """How many of a layer's `width` channels are tuned."""
+        if self.top_k is not None:
+            return self.top_k
+        return max(1, round((self.fraction if self.fraction is not None else 0.125) * width))
+
+
+AdapterSpec = (
+    LoRA
+    | Bottleneck
+    | IA3
+    | SSF
+    | BitFit
+    | NormTuning
+    | PromptTuning
+    | LoHa
+    | LoKr
+    | VeRA
+    | PTuning
+    | PrefixTuning
+    | SCT
+)
 ADAPTER_METHODS: dict[str, type] = {
     cls.method: cls
-    for cls in (LoRA, Bottleneck, IA3, SSF, BitFit, NormTuning, PromptTuning, LoHa, LoKr, VeRA)
+    for cls in (LoRA, Bottleneck, IA3, SSF, BitFit, NormTuning, PromptTuning, LoHa, LoKr, VeRA, PTuning)
+    + (PrefixTuning, SCT)
 }
 
 

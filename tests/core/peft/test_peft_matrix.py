@@ -14,6 +14,7 @@ from torch import nn
 
 from pipelines.core.peft import (
     IA3,
+    SCT,
     SSF,
     BitFit,
     Bottleneck,
@@ -129,6 +130,13 @@ CASES = [
          LoKr(r=1, targets=["layer"])),
     Case("vera-linear", LINEAR, tokens, VeRA(r=4, targets=["layer"])),
     Case("vera-dropout-linear", LINEAR, tokens, VeRA(r=4, dropout=0.5, targets=["layer"])),
+    Case("sct-linear", LINEAR, tokens, SCT(top_k=3, targets=["layer"], selected={"layer": [0, 2, 5]})),
+    Case("sct-conv2d", CONV2D, image(),
+         SCT(top_k=2, scale=0.5, targets=["layer"], selected={"layer": [1, 4]})),
+    Case("sct-nobias-linear", lambda: nn.Linear(6, 7, bias=False), tokens,
+         SCT(fraction=0.5, bias=False, targets=["layer"], selected={"layer": [0, 1, 3, 6]})),
+    Case("sct-layernorm", lambda: affine_norm(nn.LayerNorm(6)), tokens,
+         SCT(top_k=2, targets=["layer"], selected={"layer": [2, 3]}), False),
 ]  # fmt: skip
 
 
