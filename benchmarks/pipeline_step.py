@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from pipeline_cases import DOMAINS, Case, build_case  # noqa: E402
 from pipelines.core.distributed import move_to_device  # noqa: E402
 from pipelines.core.peft import add_adapter, set_trainable  # noqa: E402
 from pipelines.core.peft.inject import logical_modules, matches  # noqa: E402
+from pipelines.core.peft.lora import LoRAAdapter  # noqa: E402
 from pipelines.core.precision import apply_precision_policy  # noqa: E402
 from pipelines.core.training import TrainConfig  # noqa: E402
 
@@ -100,6 +103,27 @@ def prepare(case: Case, row: str) -> torch.nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def lora_paths() -> Iterator[dict[str, int]]:
+    """Counts the forwards of this package's LoRA adapters by path: the fused Function or plain autograd."""
+    counts = {"fused": 0, "plain": 0}
+    fused, delta = LoRAAdapter.fused_forward, LoRAAdapter.delta
+
+    def counted_fused(self, base, x):
+        counts["fused"] += 1
+        return fused(self, base, x)
+
+    def counted_delta(self, base, x, out):
+        counts["plain"] += 1
+        return delta(self, base, x, out)
+
+    LoRAAdapter.fused_forward, LoRAAdapter.delta = counted_fused, counted_delta
+    try:
+        yield counts
+    finally:
+        LoRAAdapter.fused_forward, LoRAAdapter.delta = fused, delta
+
+
 def plain_steps(case: Case, row: str, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     """Times `steps` plain-loop steps of `row` after `warmup`; returns the row's measurements."""
     model = prepare(case, row).to(device).train()
@@ -111,19 +135,20 @@ def plain_steps(case: Case, row: str, device: torch.device, steps: int, warmup: 
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for index in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            loss = case.loss_fn(model, batch)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        if index >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    return _row(case, row, times, device, sum(p.numel() for p in trainable), policy)
+    with lora_paths() as paths:
+        for index in range(warmup + steps):
+            _sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+                loss = case.loss_fn(model, batch)
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            if index >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    return _row(case, row, times, device, sum(p.numel() for p in trainable), policy, paths, warmup + steps)
 
 
 def pipeline_steps(case: Case, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
@@ -146,14 +171,15 @@ def pipeline_steps(case: Case, device: torch.device, steps: int, warmup: int) ->
     )
     handle = register_optimizer_step_post_hook(stamp)
     try:
-        result = case.pipeline(config)
+        with lora_paths() as paths:
+            result = case.pipeline(config)
     finally:
         handle.remove()
     times = [(b - a) * 1000 for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:], strict=True)]
-    return _row(case, "pipeline", times, device, trainable[0], result.precision_policy)
+    return _row(case, "pipeline", times, device, trainable[0], result.precision_policy, paths, warmup + steps)
 
 
-def _row(case: Case, row: str, times: list[float], device: torch.device, trainable, policy) -> dict:
+def _row(case: Case, row: str, times: list, device, trainable, policy, paths: dict, steps: int) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "domain": case.domain,
@@ -166,6 +192,7 @@ def _row(case: Case, row: str, times: list[float], device: torch.device, trainab
         "unit": case.unit,
         "trainable_parameters": trainable,
         "precision": {k: policy[k] for k in ("compute_dtype", "frozen_dtype", "cast_parameters")},
+        "lora_forwards_per_step": {path: count / steps for path, count in paths.items()},
     }
 
 
@@ -185,6 +212,9 @@ def measure(config: str, domain: str, rows: list[str], device: torch.device, ste
                 measured[row]["times_ms"] += sample["times_ms"]
             else:
                 measured[row] = sample
+            if device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
     return [summarise([sample]) for sample in measured.values()]
 
 

@@ -16,7 +16,7 @@ from pipeline_cases import build_case  # noqa: E402
 def test_cpu_speech_case_times_every_row_with_the_same_adapters_on_both_lora_sides():
     rows = pipeline_step.measure("cpu", "speech", list(pipeline_step.ROWS), torch.device("cpu"), 1, 1)
     by_row = {row["row"]: row for row in rows}
-    assert list(by_row) == ["floor", "full", "hf_peft", "pipeline"]
+    assert list(by_row) == ["floor", "full", "hf_peft", "ours", "pipeline"]
     assert all(row["step_ms"] > 0 and row["steps_timed"] == 1 and row["peak_gib"] is None for row in rows)
     model = build_case("cpu", "speech", 2).new_model()
     assert by_row["floor"]["trainable_parameters"] == 0
@@ -24,12 +24,16 @@ def test_cpu_speech_case_times_every_row_with_the_same_adapters_on_both_lora_sid
     lora = by_row["pipeline"]["trainable_parameters"]
     # r=4 on every proj (hidden 64 in and out): A (4 x 64) and B (64 x 4) on 5 layers
     assert lora == 5 * 2 * 4 * 64 == by_row["hf_peft"]["trainable_parameters"]
+    assert lora == by_row["ours"]["trainable_parameters"]
+    for row in ("ours", "pipeline"):  # every adapted proj takes the fused path, in every step
+        assert by_row[row]["lora_forwards_per_step"] == {"fused": 5, "plain": 0}
+    assert by_row["hf_peft"]["lora_forwards_per_step"] == {"fused": 0, "plain": 0}
     assert by_row["pipeline"]["precision"] == {
         "compute_dtype": "float32", "frozen_dtype": "float32", "cast_parameters": 0,
     }  # fmt: skip
     table = pipeline_step.table(rows).splitlines()
     assert table[2].startswith("| speech | frozen floor |") and "| 1.00 |" in table[2]
-    assert len(table) == 6 and all(line.endswith("frames/s |") for line in table[2:])
+    assert len(table) == 7 and all(line.endswith("frames/s |") for line in table[2:])
 
 
 def test_hf_peft_targets_are_the_modules_the_pipeline_adapts():

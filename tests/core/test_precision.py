@@ -222,3 +222,30 @@ def test_train_with_bf16_on_the_cpu_casts_frozen_weights_and_checkpoints_float32
     again = train(resumed, Tokens(), loss_fn, config.model_copy(update={"max_steps": 4}), run_dir=tmp_path,
                   resume=True, progress=False)  # fmt: skip
     assert again.steps == 4 and resumed.head.weight.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_auto_trains_a_bf16_backbone_on_the_fused_path_and_predicts_after(tmp_path, monkeypatch):
+    calls = []
+    fused = LoRAAdapter.fused_forward
+    monkeypatch.setattr(
+        LoRAAdapter, "fused_forward", lambda self, base, x: calls.append(x.dtype) or fused(self, base, x)
+    )
+
+    def loss_fn(model, batch):
+        ids, labels = batch
+        return nn.functional.cross_entropy(model(ids).float(), labels)
+
+    model = adapted().cuda()
+    config = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, checkpoint_every=3)  # precision auto
+    result = train(model, Tokens(), loss_fn, config, run_dir=tmp_path, progress=False)
+    assert result.precision == "bf16" and result.precision_policy["cast_parameters"] == 15
+    assert (
+        len(calls) == 3 * 4 and model.lm.model.embed_tokens.weight.dtype == torch.bfloat16
+    )  # 2 layers x q, v
+    with torch.no_grad():
+        scores = model(Tokens().ids[:4].cuda())  # outside train: the hooks enter bf16 autocast
+    assert scores.dtype == torch.bfloat16 and torch.isfinite(scores.float()).all()
+    saved = load_file(tmp_path / "checkpoints" / "last" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
