@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from pipelines.speech.backbones import _Examples, acoustic_loss
 from pipelines.speech.data import Example, Utterance, collate_examples
 from pipelines.speech.model import AcousticModel, adapter_targets
 
-__all__ = ["AdaptedModel", "adaptation_clips", "nearest_speaker", "adapt", "BASELINES"]
+__all__ = ["AdaptedModel", "adaptation_clips", "second_takes", "nearest_speaker", "adapt", "BASELINES"]
 
 BASELINES = ("lora", "full_finetune", "nearest_speaker")
 
@@ -63,6 +64,28 @@ def adaptation_clips(utterances: list[Utterance], count: int | str) -> list[Utte
     if count > len(ordered):
         raise ValueError(f"adaptation_clips is {count} but the target speaker has only {len(ordered)} clips")
     return ordered[:count]
+
+
+def second_takes(test: list[Utterance], clips: list[Utterance], used: set[Path]) -> list[Utterance] | None:
+    """For each test clip, another take of the same text by the same speaker that is neither scored nor
+    in ``used`` (the adaptation clips): the k-th scored clip of a text gets the k-th unused take of it,
+    by clip index. None when some text has too few unused takes.
+    """
+    scored = {u.path for u in test}
+    unused: dict[tuple[str, str], list[Utterance]] = {}
+    for u in sorted(clips, key=lambda u: ((u.index or 0), u.path.name)):
+        if u.path not in scored and u.path not in used:
+            unused.setdefault((u.speaker, u.text), []).append(u)
+    taken: dict[tuple[str, str], int] = {}
+    out = []
+    for u in test:
+        key = (u.speaker, u.text)
+        k = taken.get(key, 0)
+        if k >= len(unused.get(key, [])):
+            return None
+        out.append(unused[key][k])
+        taken[key] = k + 1
+    return out
 
 
 @torch.no_grad()

@@ -62,13 +62,14 @@ class FsddSession:
         return out
 
     def evaluators(self) -> Evaluators:
-        """The speaker-ID model and digit classifier (cached on disk; trained on first use)."""
+        """The speaker-ID model (base speakers only) and digit classifier (cached; trained on first use)."""
         if self._evaluators is None:
             self._evaluators = load_evaluators(
                 lambda: (
                     self.examples(split_fsdd(self.utterances, "train")),
                     self.examples(split_fsdd(self.utterances, "test")),
                 ),
+                speakers=self.settings.speakers(),
                 seed=self.settings.seed,
             )
         return self._evaluators

@@ -4,7 +4,9 @@ Methods: the stage's adapter (default: serial bottleneck adapters, hidden 16, on
 of encoder and decoder, and on FastSpeech2Conformer's variance predictors), ``lora`` (same targets, rank
 ``lora_rank``), ``full_finetune`` (every weight, ``finetune_lr``) and ``base`` (the frozen model, no
 training). The base is never changed: each method adapts a copy. Scores read the vocoded audio, as on the
-offline path: MCD (bins below half the recording's sample rate) and log-F0 RMSE, with bootstrap intervals.
+offline path: the synthesis is resampled to the recording's own rate, then MCD (WORLD + SPTK), the F0
+measures (harvest) and the log-mel cepstral distance (bins below half the recording's rate), with bootstrap
+intervals.
 """
 
 from __future__ import annotations
@@ -28,16 +30,26 @@ from pipelines.core.peft import (
     set_trainable,
 )
 from pipelines.core.training import TrainConfig, TrainResult, train
-from pipelines.speech.audio import AudioConfig, load_wav
+from pipelines.speech.audio import load_wav
 from pipelines.speech.data import Utterance, peak_normalize, uniform_durations
 from pipelines.speech.hf_features import HfExample, collate_hf, log_mel, mel_bins_below
 from pipelines.speech.hf_tts import HfTts, hf_adapter_targets
-from pipelines.speech.metrics import log_f0_rmse, mel_cepstral_distortion, yin_f0
-from pipelines.speech.scoring import Synthesis, evaluate_scores
+from pipelines.speech.pitch import harvest_f0
+from pipelines.speech.scoring import Synthesis, evaluate_scores, merge_syntheses, score_waveforms
 
-__all__ = ["HF_METHODS", "HfAdapted", "hf_examples", "adapt_hf", "score_hf", "hf_loss", "default_hf_adapter"]
+__all__ = [
+    "HF_METHODS",
+    "HF_METRICS",
+    "HfAdapted",
+    "hf_examples",
+    "adapt_hf",
+    "score_hf",
+    "hf_loss",
+    "default_hf_adapter",
+]
 
 HF_METHODS = ("lora", "full_finetune", "base")
+HF_METRICS = ("mcd", "log_f0_rmse", "gpe", "vde", "f0_coverage", "log_mel_cepstral_distance")
 LN10 = math.log(10.0)
 
 
@@ -88,7 +100,7 @@ def _featurize(tts: HfTts, utterance: Utterance) -> HfExample:
             raise ValueError(f"transcript of {utterance.path} gives no phones; check its text")
         split = uniform_durations(mel * LN10, phones)
         durations = torch.cat([split[:1] + split[1:2], split[2:-1], split[-1:]])
-        f0 = yin_f0(wav, AudioConfig(sample_rate=rate))
+        f0 = harvest_f0(wav, rate, frame_period=1000.0 * tts.features.hop_length / rate)
         f0 = np.pad(f0, (0, max(0, len(mel) - len(f0))))[: len(mel)]
         log_f0 = np.where(f0 > 0, np.log(np.maximum(f0, 1e-6)), 0.0)
         example.durations = durations
@@ -191,30 +203,21 @@ def adapt_hf(
 
 @torch.no_grad()
 def score_hf(model: HfTts, examples: list[HfExample], seed: int = 0) -> Synthesis:
-    """Synthesise, vocode and score each example against its recording (MCD, log-F0 RMSE)."""
+    """Synthesise, vocode and score each example against its recording (:data:`HF_METRICS`)."""
     rate = model.features.sample_rate
-    rows, waveforms, mels, digits = [], [], [], []
+    parts = []
     for example in examples:
         wav = model.vocode(model.synthesize_mel(example.input_ids, seed))
         mel, _ = log_mel(wav, model.features) if len(wav) else (torch.zeros(0, model.features.n_mels), None)
         bins = mel_bins_below(example.extra["source_rate"] / 2, model.features)
-        mcd, path = mel_cepstral_distortion(example.mel * LN10, mel * LN10, num_bins=bins, return_path=True)
-        config = AudioConfig(sample_rate=rate)
-        f0_error = (
-            log_f0_rmse(yin_f0(example.extra["wav"], config), yin_f0(wav, config), path)
-            if len(wav)
-            else math.nan
+        parts.append(
+            score_waveforms([example.utterance], [wav], rate, [example.mel * LN10], [mel * LN10], bins)
         )
-        rows.append([mcd, f0_error, math.nan, math.nan])
-        waveforms.append(wav)
-        mels.append(mel)
-        digit = getattr(example.utterance, "digit", None)
-        digits.append(digit if digit is not None else -1)
-    return Synthesis(np.array(rows, dtype=float).reshape(len(examples), 4), np.array(digits), waveforms, mels)
+    return merge_syntheses(parts)
 
 
 def evaluate_hf(
     model: HfTts, examples: list[HfExample], bootstrap: int = 1000, seed: int = 0
 ) -> EvaluationReport:
-    """MCD and log-F0 RMSE with 95% bootstrap intervals over the examples."""
-    return evaluate_scores(score_hf(model, examples, seed), bootstrap, seed, ["mcd", "log_f0_rmse"])
+    """The metrics of :data:`HF_METRICS` with 95% bootstrap intervals over the examples."""
+    return evaluate_scores(score_hf(model, examples, seed), bootstrap, seed, list(HF_METRICS))

@@ -22,17 +22,30 @@ from pipelines.core.peft import AdapterSpec, disable_adapters, load_adapter, sav
 from pipelines.core.training import TrainConfig, TrainResult
 from pipelines.speech.adaptation import adaptation_clips
 from pipelines.speech.data import FSDD_SHA256, Utterance, folder_utterances, fsdd_utterances, split_fsdd
-from pipelines.speech.hf_adaptation import adapt_hf, default_hf_adapter, evaluate_hf, hf_examples, score_hf
+from pipelines.speech.hf_adaptation import (
+    HF_METRICS,
+    adapt_hf,
+    default_hf_adapter,
+    evaluate_hf,
+    hf_examples,
+    score_hf,
+)
 from pipelines.speech.hf_tts import HfTts, load_hf_tts
 from pipelines.speech.options import AdaptationDataOptions, AdaptationStageOptions, SpeechBackboneOptions
-from pipelines.speech.scoring import evaluate_scores, write_samples
+from pipelines.speech.scoring import evaluate_scores, unscored_notes, unscored_summary, write_samples
 
 __all__ = ["HfSpeakerAdaptationPipeline"]
 
 NOTES = [
-    "mcd: mel-cepstral distortion in dB (c1-c24, DTW-aligned) between the vocoded synthesis and the "
-    "recording, over the mel bins below half the recording's sample rate (4 kHz for FSDD's 8 kHz clips).",
-    "log_f0_rmse: cents, YIN F0 of both waveforms over DTW-aligned frames voiced in both.",
+    "mcd: mel-cepstral distortion in dB as TTS papers compute it: the synthesis is resampled to the "
+    "recording's own rate (8 kHz for FSDD), both go through WORLD (harvest F0, CheapTrick envelope, 5 ms "
+    "frames) and pysptk.sp2mc (order 24, all-pass constant of that rate); c1-c24, DTW-aligned, "
+    "10/ln10*sqrt(2*sum(dc^2)) averaged over the aligned frames.",
+    "log_f0_rmse (cents), gpe, vde, f0_coverage: WORLD harvest F0 of both waveforms on the MCD's frames "
+    "and DTW path; log-F0 RMSE and GPE (F0 off by more than 20%) over the frames voiced in both, VDE the "
+    "share of aligned frames whose voicing differs, f0_coverage the share voiced in both.",
+    "log_mel_cepstral_distance: dB, RMS over the model's mel bins below half the recording's rate of the "
+    "level-free log-mel difference kept to c1-c24 of the orthonormal DCT; a second view, not the MCD.",
 ]
 DURATION_NOTE = (
     "FastSpeech2Conformer durations: transformers has no aligner, so each clip's voiced span is split evenly "
@@ -170,17 +183,20 @@ class HfSpeakerAdaptationPipeline:
             if method in ("adapter", "lora"):
                 save_adapter(adapted[label].model.model, run_dir / "adapters" / label, name=self.name)
             syntheses[label] = score_hf(adapted[label].model, test_examples, self.seed)
-            results[label] = evaluate_scores(
-                syntheses[label], self._bootstrap(), self.seed, ["mcd", "log_f0_rmse"]
-            )
+            results[label] = evaluate_scores(syntheses[label], self._bootstrap(), self.seed, self._metrics())
         self.model = adapted[self.name].model
+        unscored = {
+            label: unscored_summary(synthesis, self._metrics()) for label, synthesis in syntheses.items()
+        }
         sweep = {}
         for count in self.data_options.sweep_clips:
             subset = hf_examples(base, adaptation_clips(train_utterances, count))
             item = adapt_hf(
                 base, "adapter", subset, self.train_config, self._spec(), self.name, seed=self.seed
             )
-            report = evaluate_hf(item.model, test_examples, self._bootstrap(), self.seed)
+            synthesis = score_hf(item.model, test_examples, self.seed)
+            unscored[f"sweep_{count}"] = unscored_summary(synthesis, self._metrics())
+            report = evaluate_scores(synthesis, self._bootstrap(), self.seed, self._metrics())
             sweep[str(count)] = {metric: report[metric].to_dict() for metric in report}
         checks = self.checks(base, self.model, run_dir / "adapters" / self.name, test_examples)
         samples = []
@@ -205,7 +221,13 @@ class HfSpeakerAdaptationPipeline:
             train_examples,
             test_examples,
             started,
+            unscored,
         )
+
+    def _metrics(self) -> list[str]:
+        """The recipe's metrics, else HF_METRICS (no evaluators here: speaker similarity would be NaN)."""
+        recipe = self.recipe
+        return list(recipe.evaluation.metrics) if recipe and recipe.evaluation.metrics else list(HF_METRICS)
 
     def _bootstrap(self) -> int:
         return self.recipe.evaluation.bootstrap if self.recipe is not None else 1000
@@ -239,6 +261,7 @@ class HfSpeakerAdaptationPipeline:
         train_examples,
         test_examples,
         started,
+        unscored,
     ) -> RunResult:
         total = sum(p.numel() for p in base.parameters())
         main = adapted[self.name]
@@ -251,6 +274,7 @@ class HfSpeakerAdaptationPipeline:
             f"{checks['disabled_adapter_equals_base']}; the saved adapter reloads to identical mels: "
             f"{checks['reloaded_adapter_equals_trained']}.",
             *NOTES,
+            *unscored_notes(unscored),
         ]
         if base.family == "fastspeech2_conformer":
             notes.append(DURATION_NOTE)
@@ -300,6 +324,7 @@ class HfSpeakerAdaptationPipeline:
                 "extra": {
                     "checks": checks,
                     "sweep_adaptation_clips": sweep,
+                    "unscored": unscored,
                     "variance_statistics": self.statistics,
                 },
             },

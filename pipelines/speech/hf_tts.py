@@ -12,9 +12,9 @@ Features (log10 magnitude mels, Slaney filters, centred STFT with reflect paddin
 FastSpeech2Conformer trains on duration, pitch and energy labels per token. transformers ships no aligner,
 so durations are the offline path's even split (:func:`pipelines.speech.data.uniform_durations`): frames
 before the voiced span go to the first phone, the voiced span is split evenly over the phones, the frames
-after it go to the final ``<sos/eos>`` token. Pitch (YIN log-F0 over voiced frames) and energy (frame L2
-norm of the STFT magnitude) are averaged per token and standardised over the adaptation clips: ESPnet's
-global statistics are not published with the weights.
+after it go to the final ``<sos/eos>`` token. Pitch (WORLD harvest log-F0 over voiced frames) and energy
+(frame L2 norm of the STFT magnitude) are averaged per token and standardised over the adaptation clips:
+ESPnet's global statistics are not published with the weights.
 """
 
 from __future__ import annotations

@@ -1,32 +1,156 @@
-"""Speech synthesis metrics: mel-cepstral distortion with DTW, F0 by YIN, log-F0 RMSE, cosine similarity.
+"""Speech synthesis metrics: mel-cepstral distortion (WORLD + SPTK, DTW), a log-mel cepstral distance, cosine.
 
-- ``mel_cepstral_distortion``: cepstra are the orthonormal DCT-II of the natural-log mel magnitude
-  (the HiFi-GAN log-mel), coefficients c1-c24 (c0, the level, is left out); the two sequences are aligned
-  by dynamic time warping on those cepstra and MCD = 10 / ln 10 * sqrt(2 * sum_d (c_d - c'_d)^2),
-  averaged over the aligned frame pairs, in dB.
-- ``log_f0_rmse``: F0 from :func:`yin_f0` on both waveforms, on the same frame grid as the mels; RMSE of
-  the log-F0 difference in cents over the DTW-aligned frame pairs that are voiced in both.
+- ``mcd_db``: the MCD of TTS papers. Both waveforms (same sample rate) go through WORLD: harvest F0 and
+  the CheapTrick spectral envelope on 5 ms frames; ``pysptk.sp2mc`` turns each envelope into a
+  mel-cepstrum of order 24 with the all-pass constant of the sample rate (``pysptk.util.mcepalpha``:
+  0.31 at 8 kHz, 0.41 at 16 kHz, 0.455 at 22,050 Hz). c0 (the level) is dropped; the c1-c24 sequences
+  are aligned by DTW (Euclidean frame distance) and MCD = 10 / ln 10 * sqrt(2 * sum_d (c_d - c'_d)^2),
+  averaged over the aligned frame pairs, in dB. With ln|H(w)| = c0 + sum_d c_d cos(d w~), this is the RMS
+  over the warped frequency axis of the log-spectral difference in dB (20 log10 of the amplitude).
+- ``log_mel_cepstral_distance``: the same quantity on the log-mel (natural log of the mel magnitude, N
+  bins): with the orthonormal DCT-II c_k of the bins, Parseval gives
+  RMS over bins of 20 log10 difference = 20 / ln 10 * sqrt(sum_k (c_k - c'_k)^2 / N); c1-c24 are kept
+  (c0 is the level), DTW-aligned on those cepstra, averaged over aligned frames, in dB. Not the MCD of
+  papers (mel filterbank bins, not an all-pass warped cepstrum): a second view, never named "mcd".
+
+The F0 metrics on the same frames and DTW path are in :mod:`pipelines.speech.pitch`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
 
-from pipelines.speech.audio import AUDIO, AudioConfig
-
 __all__ = [
-    "mel_cepstrum",
+    "FRAME_PERIOD_MS",
+    "MCEP_ORDER",
+    "WorldFeatures",
+    "world_features",
     "dtw_path",
     "mel_cepstral_distortion",
-    "yin_f0",
-    "log_f0_rmse",
+    "mcd_db",
+    "log_mel_cepstral_distance",
     "cosine_similarity",
 ]
 
-_MCD_CONSTANT = 10.0 / math.log(10.0) * math.sqrt(2.0)
+FRAME_PERIOD_MS = 5.0
+MCEP_ORDER = 24
+MCD_CONSTANT = 10.0 / math.log(10.0) * math.sqrt(2.0)
+
+
+def import_world():
+    """``(pyworld, pysptk)``, or an ImportError that says how to install them."""
+    try:
+        with warnings.catch_warnings():  # both import pkg_resources, which warns that it is deprecated
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+            import pysptk
+            import pyworld
+    except ImportError as error:
+        if error.name == "pkg_resources":
+            raise ImportError(
+                "pyworld and pysptk import pkg_resources, which setuptools 82 removed; "
+                "run `pip install 'setuptools<82'`"
+            ) from error
+        raise ImportError(
+            "the speech metrics need pyworld and pysptk; run `pip install 'peft-pipelines[speech]'`"
+        ) from error
+    return pyworld, pysptk
+
+
+@lru_cache(maxsize=8)
+def mcep_alpha(sample_rate: int) -> float:
+    """The all-pass constant that best fits the mel scale at this rate (``pysptk.util.mcepalpha``)."""
+    return float(import_world()[1].util.mcepalpha(sample_rate))
+
+
+@dataclass(frozen=True)
+class WorldFeatures:
+    """WORLD analysis of one waveform on ``FRAME_PERIOD_MS`` frames."""
+
+    f0: np.ndarray  # (frames,) Hz, 0 where unvoiced (harvest)
+    mel_cepstrum: np.ndarray  # (frames, order + 1), SPTK mel-cepstrum of the CheapTrick envelope
+    sample_rate: int
+
+
+def world_features(
+    wav: np.ndarray, sample_rate: int, order: int = MCEP_ORDER, frame_period: float = FRAME_PERIOD_MS
+) -> WorldFeatures:
+    """Harvest F0 and the order-``order`` mel-cepstrum of the CheapTrick envelope of a waveform.
+
+    Raises:
+        ValueError: The waveform is empty.
+    """
+    pyworld, pysptk = import_world()
+    x = np.ascontiguousarray(np.asarray(wav, dtype=np.float64).ravel())
+    if x.size == 0:
+        raise ValueError("world_features got an empty waveform")
+    f0, times = pyworld.harvest(x, sample_rate, frame_period=frame_period)
+    envelope = pyworld.cheaptrick(x, f0, times, sample_rate)
+    cepstrum = pysptk.sp2mc(envelope, order=order, alpha=mcep_alpha(sample_rate))
+    return WorldFeatures(f0, np.asarray(cepstrum, dtype=np.float64), sample_rate)
+
+
+def dtw_path(cost: np.ndarray) -> np.ndarray:
+    """Minimum-total-cost monotonic alignment of a (n, m) local cost matrix, steps (1,0), (0,1), (1,1).
+
+    The accumulated cost is swept one anti-diagonal at a time (each a vectorised numpy step); ties prefer
+    the diagonal step. Returns the (k, 2) integer array of (row, column) pairs from (0, 0) to (n-1, m-1).
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    n, m = cost.shape
+    if n == 0 or m == 0:
+        return np.zeros((0, 2), dtype=int)
+    total = np.full((n + 1, m + 1), np.inf)
+    total[0, 0] = 0.0
+    step = np.zeros((n + 1, m + 1), dtype=np.int8)  # 0 diagonal, 1 from above (i-1), 2 from the left (j-1)
+    for diagonal in range(2, n + m + 1):
+        i = np.arange(max(1, diagonal - m), min(n, diagonal - 1) + 1)
+        j = diagonal - i
+        options = np.stack((total[i - 1, j - 1], total[i - 1, j], total[i, j - 1]))
+        best = np.argmin(options, axis=0)
+        total[i, j] = cost[i - 1, j - 1] + options[best, np.arange(len(i))]
+        step[i, j] = best
+    path, i, j = [], n, m
+    while i > 0 and j > 0:  # the trace back is O(n + m)
+        path.append((i - 1, j - 1))
+        move = step[i, j]
+        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
+    return np.array(path[::-1], dtype=int)
+
+
+def _euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1))
+
+
+def mel_cepstral_distortion(
+    reference_cepstrum: np.ndarray, synthesized_cepstrum: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """MCD in dB between two SPTK mel-cepstrum sequences (frames, order + 1), c0 dropped, after DTW.
+
+    Returns:
+        (MCD, DTW path as a (k, 2) array of reference and synthesised frame indices).
+    """
+    reference = np.asarray(reference_cepstrum, dtype=np.float64)[:, 1:]
+    synthesized = np.asarray(synthesized_cepstrum, dtype=np.float64)[:, 1:]
+    distances = _euclidean(reference, synthesized)
+    path = dtw_path(distances)
+    return MCD_CONSTANT * float(distances[path[:, 0], path[:, 1]].mean()), path
+
+
+def mcd_db(reference: np.ndarray, synthesized: np.ndarray, sample_rate: int) -> float:
+    """Mel-cepstral distortion in dB of two waveforms at the same sample rate (see the module docstring).
+
+    Resample the synthesis to the recording's rate first when they differ (``audio.resample``).
+    """
+    return mel_cepstral_distortion(
+        world_features(reference, sample_rate).mel_cepstrum,
+        world_features(synthesized, sample_rate).mel_cepstrum,
+    )[0]
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -37,144 +161,33 @@ def _dct_matrix(n: int) -> np.ndarray:
     return matrix
 
 
-def mel_cepstrum(log_mel: np.ndarray | torch.Tensor, order: int = 24) -> np.ndarray:
-    """Cepstra c0..c_order (frames, order + 1) of a log-mel (frames, bins)."""
-    log_mel = np.asarray(log_mel, dtype=np.float64)
-    return log_mel @ _dct_matrix(log_mel.shape[1])[: order + 1].T
-
-
-def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
-    """Minimum-cost monotonic alignment of a (n, m) local cost matrix with steps (1,0), (0,1), (1,1)."""
-    n, m = cost.shape
-    total = np.full((n + 1, m + 1), np.inf)
-    total[0, 0] = 0.0
-    for i in range(1, n + 1):
-        row, previous = total[i], total[i - 1]
-        for j in range(1, m + 1):
-            row[j] = cost[i - 1, j - 1] + min(previous[j], row[j - 1], previous[j - 1])
-    path, i, j = [], n, m
-    while i > 0 and j > 0:
-        path.append((i - 1, j - 1))
-        step = int(np.argmin((total[i - 1, j - 1], total[i - 1, j], total[i, j - 1])))
-        i, j = (i - 1, j - 1) if step == 0 else (i - 1, j) if step == 1 else (i, j - 1)
-    return path[::-1]
-
-
-def _aligned(reference: np.ndarray, synthesized: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
-    diff = reference[:, None, :] - synthesized[None, :, :]
-    distances = np.sqrt((diff**2).sum(axis=-1))
-    return dtw_path(distances), distances
-
-
-def mel_cepstral_distortion(
-    reference_mel: np.ndarray | torch.Tensor,
-    synthesized_mel: np.ndarray | torch.Tensor,
-    order: int = 24,
+def log_mel_cepstral_distance(
+    reference_log_mel: np.ndarray | torch.Tensor,
+    synthesized_log_mel: np.ndarray | torch.Tensor,
+    order: int = MCEP_ORDER,
     num_bins: int | None = None,
-    return_path: bool = False,
-) -> float | tuple[float, list[tuple[int, int]]]:
-    """MCD in dB between two log-mels (frames, bins) after DTW alignment (see the module docstring).
+) -> float:
+    """Log-mel cepstral distance in dB of two natural-log mels (frames, bins) (see the module docstring).
 
     Args:
-        reference_mel: Log-mel of the recording.
-        synthesized_mel: Log-mel of the synthesised audio (any number of frames).
-        order: Highest cepstral coefficient (24: c1-c24).
+        reference_log_mel: Log-mel of the recording.
+        synthesized_log_mel: Log-mel of the synthesised audio (any number of frames).
+        order: Highest cepstral coefficient kept (24: c1-c24).
         num_bins: Use only the lowest bins (e.g. 62 bins = below 4 kHz for 8 kHz recordings).
-        return_path: Also return the DTW path (reference frame, synthesised frame).
 
     Returns:
-        The MCD (NaN with a warning for an empty input), and the path when asked.
+        The distance, NaN with a warning for an empty input.
     """
-    reference = np.asarray(reference_mel, dtype=np.float64)[:, :num_bins]
-    synthesized = np.asarray(synthesized_mel, dtype=np.float64)[:, :num_bins]
+    reference = np.asarray(reference_log_mel, dtype=np.float64)[:, :num_bins]
+    synthesized = np.asarray(synthesized_log_mel, dtype=np.float64)[:, :num_bins]
     if len(reference) == 0 or len(synthesized) == 0:
-        import warnings
-
-        warnings.warn("mel_cepstral_distortion got an empty mel; returning NaN", stacklevel=2)
-        return (math.nan, []) if return_path else math.nan
-    ref_cep = mel_cepstrum(reference, order)[:, 1:]
-    syn_cep = mel_cepstrum(synthesized, order)[:, 1:]
-    path, distances = _aligned(ref_cep, syn_cep)
-    value = _MCD_CONSTANT * float(np.mean([distances[i, j] for i, j in path]))
-    return (value, path) if return_path else value
-
-
-def yin_f0(
-    wav: np.ndarray,
-    config: AudioConfig = AUDIO,
-    f0_min: float = 60.0,
-    f0_max: float = 400.0,
-    threshold: float = 0.15,
-    silence_db: float = 40.0,
-) -> np.ndarray:
-    """F0 in Hz per mel frame (0 where unvoiced) by YIN (de Cheveigne and Kawahara 2002).
-
-    Frames follow :func:`~pipelines.speech.audio.mel_spectrogram` (same padding, window and hop), so
-    F0 frame i belongs to mel frame i. A frame is voiced when the cumulative-mean-normalised difference
-    dips below ``threshold`` between the two lags of ``f0_max`` and ``f0_min`` and its energy is within
-    ``silence_db`` of the loudest frame and above -80 dBFS.
-    """
-    wav = np.asarray(wav, dtype=np.float64)
-    pad = (config.n_fft - config.hop_length) // 2
-    padded = np.pad(wav, (pad, pad), mode="reflect")
-    frames_count = max((len(padded) - config.n_fft) // config.hop_length + 1, 0)
-    if frames_count == 0:
-        return np.zeros(0)
-    index = np.arange(config.n_fft)[None] + config.hop_length * np.arange(frames_count)[:, None]
-    frames = padded[index]
-    tau_min = max(int(config.sample_rate / f0_max), 2)
-    tau_max = min(int(config.sample_rate / f0_min) + 1, config.n_fft // 2)
-    width = config.n_fft - tau_max
-    difference = np.zeros((frames_count, tau_max + 1))
-    for tau in range(1, tau_max + 1):
-        delta = frames[:, :width] - frames[:, tau : tau + width]
-        difference[:, tau] = (delta**2).sum(axis=1)
-    cumulative = np.cumsum(difference[:, 1:], axis=1)
-    normalized = np.ones_like(difference)
-    normalized[:, 1:] = difference[:, 1:] * np.arange(1, tau_max + 1) / np.maximum(cumulative, 1e-12)
-    energy = (frames**2).mean(axis=1)
-    loud = 10 * np.log10(np.maximum(energy, 1e-20)) >= 10 * np.log10(max(energy.max(), 1e-20)) - silence_db
-    loud &= energy > 1e-8  # digital silence (below -80 dBFS) is never voiced
-    f0 = np.zeros(frames_count)
-    for f in range(frames_count):
-        if not loud[f]:
-            continue
-        below = np.nonzero(normalized[f, tau_min : tau_max + 1] < threshold)[0]
-        if len(below) == 0:
-            continue
-        tau = tau_min + int(below[0])
-        while tau + 1 <= tau_max and normalized[f, tau + 1] < normalized[f, tau]:
-            tau += 1
-        if tau >= tau_max:
-            continue
-        a, b, c = normalized[f, tau - 1], normalized[f, tau], normalized[f, tau + 1]
-        shift = 0.5 * (a - c) / (a - 2 * b + c) if (a - 2 * b + c) != 0 else 0.0
-        f0[f] = config.sample_rate / (tau + float(np.clip(shift, -1, 1)))
-    return f0
-
-
-def log_f0_rmse(
-    reference_f0: np.ndarray, synthesized_f0: np.ndarray, path: list[tuple[int, int]] | None = None
-) -> float:
-    """RMSE in cents of log-F0 over aligned frame pairs voiced in both (NaN when none are).
-
-    Args:
-        reference_f0: F0 per frame of the recording (0 = unvoiced).
-        synthesized_f0: F0 per frame of the synthesised audio.
-        path: Frame pairs to compare (e.g. the MCD DTW path); default the diagonal of equal lengths.
-    """
-    if path is None:
-        path = [(i, i) for i in range(min(len(reference_f0), len(synthesized_f0)))]
-    pairs = [
-        (reference_f0[i], synthesized_f0[j])
-        for i, j in path
-        if i < len(reference_f0) and j < len(synthesized_f0)
-    ]
-    voiced = [(r, s) for r, s in pairs if r > 0 and s > 0]
-    if not voiced:
+        warnings.warn("log_mel_cepstral_distance got an empty mel; returning NaN", stacklevel=2)
         return math.nan
-    ref, syn = np.array(voiced).T
-    return float(1200.0 * np.sqrt(np.mean(np.log2(syn / ref) ** 2)))
+    bins = reference.shape[1]
+    basis = _dct_matrix(bins)[1 : order + 1].T
+    distances = _euclidean(reference @ basis, synthesized @ basis)
+    path = dtw_path(distances)
+    return 20.0 / math.log(10.0) / math.sqrt(bins) * float(distances[path[:, 0], path[:, 1]].mean())
 
 
 def cosine_similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:

@@ -80,6 +80,11 @@ class AdaptationDataOptions(BaseModel):
     vocode_reference: bool = Field(
         True, description="Also score the recordings' own mels through the vocoder (the vocoder's floor)."
     )
+    second_take_reference: bool = Field(
+        True,
+        description="Also score another real take of each test text by the target speaker, one neither "
+        "scored nor used for adaptation (natural variation: what two recordings differ by).",
+    )
 
 
 class AdaptationStageOptions(BaseModel):

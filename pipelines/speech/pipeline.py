@@ -17,7 +17,7 @@ from pipelines.core.recipe import pipeline_options
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult
 from pipelines.speech.adaptation import BASELINES as OFFLINE_BASELINES
-from pipelines.speech.adaptation import adapt, adaptation_clips, nearest_speaker
+from pipelines.speech.adaptation import adapt, adaptation_clips, nearest_speaker, second_takes
 from pipelines.speech.audio import load_vocoder
 from pipelines.speech.backbones import Backbone, load_backbone
 from pipelines.speech.data import Example, Utterance, folder_utterances, load_example, text_to_ids
@@ -41,6 +41,15 @@ def _utterances(data: str | Path | list[Utterance], speaker: str) -> list[Uttera
     if isinstance(data, (str, Path)):
         return folder_utterances(data, speaker)
     return list(data)
+
+
+def _low_data_refusals(recipe, fix: str) -> list[tuple[str, str]]:
+    refused = []
+    if recipe.data.fraction != 1.0:
+        refused.append(("data.fraction", f"{recipe.pipeline} does not sample a fraction of its data; {fix}"))
+    if recipe.data.shots_per_class is not None:
+        refused.append(("data.shots_per_class", f"{recipe.pipeline} has no classes to count shots of; {fix}"))
+    return refused
 
 
 class SpeakerAdaptationPipeline:
@@ -97,6 +106,13 @@ class SpeakerAdaptationPipeline:
         self.speaker_id: int | None = None
         self._vocoder = None
         self.recipe = None
+
+    @classmethod
+    def check_recipe(cls, recipe) -> list[tuple[str, str]]:
+        """Refuse the generic low-data fields: a speaker is adapted from a number of clips."""
+        return _low_data_refusals(
+            recipe, "choose the number of adaptation clips with data.options.adaptation_clips"
+        )
 
     @classmethod
     def from_recipe(cls, recipe):
@@ -201,7 +217,7 @@ class SpeakerAdaptationPipeline:
         return self._vocoder
 
     def evaluate(self, test: str | Path | list[Utterance], bootstrap: int = 1000) -> EvaluationReport:
-        """MCD, log-F0 RMSE, speaker similarity and intelligibility (NaN without digits) on test clips."""
+        """The speech metrics (``SPEECH_METRICS``; intelligibility NaN without digits) on test clips."""
         self._require_fit()
         examples = self._examples(_utterances(test, self.name))
         evaluators = self.session.evaluators() if self.use_evaluators else None
@@ -269,9 +285,10 @@ class SpeakerAdaptationPipeline:
             if method in ("adapter", "lora"):
                 save_adapter(adapted[label].model, run_dir / "adapters" / label, name=self.name)
         self.model = adapted[self.name].model
-        sweep = {}
+        sweep, used = {}, {e.utterance.path for e in train_examples}
         for count in data.sweep_clips:
             subset = [by_path[u.path] for u in adaptation_clips([e.utterance for e in adapt_examples], count)]
+            used |= {e.utterance.path for e in subset}
             sweep[str(count)] = adapt(
                 backbone.model,
                 "adapter",
@@ -282,6 +299,10 @@ class SpeakerAdaptationPipeline:
                 self.name,
                 seed=self.seed,
             )
+        takes = None
+        if data.second_take_reference:
+            clips = [u for u in self.session.utterances if u.speaker == target]
+            takes = second_takes([e.utterance for e in test_examples], clips, used)
         return adaptation_run(
             self,
             run_dir,
@@ -295,6 +316,7 @@ class SpeakerAdaptationPipeline:
             test_examples,
             evaluators,
             started,
+            self.session.examples(takes) if takes else None,
         )
 
 
@@ -310,6 +332,11 @@ class BaseMultispeakerPipeline:
         self.backbone_options = options or SpeechBackboneOptions(**(backbone_options or {}))
         self.session = FsddSession(self.backbone_options.base_settings())
         self.seed, self.recipe, self.options = seed, None, BaseOptions()
+
+    @classmethod
+    def check_recipe(cls, recipe) -> list[tuple[str, str]]:
+        """Refuse the generic low-data fields: the base trains on every training clip of its speakers."""
+        return _low_data_refusals(recipe, "the base model trains on every training clip of its speakers")
 
     @classmethod
     def from_recipe(cls, recipe) -> BaseMultispeakerPipeline:

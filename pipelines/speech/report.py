@@ -10,31 +10,47 @@ import torch
 
 from pipelines.core.evaluation import RunResult
 from pipelines.core.peft import disable_adapters, load_adapter
-from pipelines.speech.audio import AUDIO
-from pipelines.speech.data import FSDD_SHA256, collate_examples
+from pipelines.speech.audio import AUDIO, load_wav
+from pipelines.speech.data import FSDD_SHA256, collate_examples, peak_normalize
 from pipelines.speech.scoring import (
     SPEECH_METRICS,
+    Synthesis,
     evaluate_scores,
+    merge_syntheses,
     plot_mels,
+    score_waveforms,
     synthesize_and_score,
+    unscored_notes,
+    unscored_summary,
     write_samples,
 )
 
-__all__ = ["adaptation_run", "base_run"]
+__all__ = ["REFERENCE_MODELS", "adaptation_run", "base_run", "score_second_takes"]
 
 METRIC_NOTES = [
-    "mcd: mel-cepstral distortion in dB, c1-c24 of the orthonormal DCT of the log-mel bins below 4 kHz "
-    "(FSDD is 8 kHz audio), DTW-aligned, of the vocoded synthesis against the recording with the same text.",
-    "log_f0_rmse: cents, YIN F0 (60-400 Hz) of both waveforms over DTW-aligned frames voiced in both; "
-    "mean over utterances.",
+    "mcd: mel-cepstral distortion in dB as TTS papers compute it. The synthesis (22,050 Hz from the "
+    "vocoder) is resampled to the recording's own rate (8 kHz for FSDD); both go through WORLD (harvest "
+    "F0, CheapTrick envelope, 5 ms frames) and pysptk.sp2mc (mel-cepstrum of order 24, all-pass constant "
+    "0.312 at 8 kHz); c1-c24 (c0, the level, dropped) are DTW-aligned and "
+    "MCD = 10/ln10*sqrt(2*sum_d (c_d - c'_d)^2), averaged over the aligned frames.",
+    "log_f0_rmse (cents), gpe, vde, f0_coverage: WORLD harvest F0 (71-800 Hz) of both waveforms on the "
+    "MCD's frames and DTW path. log-F0 RMSE and gpe (gross pitch error: F0 off by more than 20%) are over "
+    "the aligned frames voiced in both; vde (voicing decision error) is the share of aligned frames whose "
+    "voiced/unvoiced decisions differ; f0_coverage the share voiced in both.",
+    "log_mel_cepstral_distance: dB, RMS over the log-mel bins below 4 kHz of the level-free log-mel "
+    "difference kept to c1-c24 of the orthonormal DCT (20/ln10*|dc|/sqrt(bins)), DTW-aligned on the "
+    "11.6 ms HiFi-GAN frames; a second view on the mel filterbank, not the MCD of papers.",
     "speaker_similarity: cosine between embeddings of a speaker-ID model (2 convolutions, statistics "
-    "pooling, 64-d embedding) trained on the FSDD training split of all 6 speakers; synthesis against "
-    "the recording.",
+    "pooling, 64-d embedding) trained on the FSDD training split of the base speakers only (it has never "
+    "heard the target speaker); synthesis against the recording with the same text.",
     "intelligibility: accuracy of a digit classifier (same architecture) trained on real FSDD training "
-    "audio, applied to the synthesised audio. All intervals: 95% bootstrap over test utterances.",
+    "audio of all 6 speakers (the target's training clips included: it judges words, not voices), applied "
+    "to the synthesised audio. All intervals: 95% bootstrap over test utterances; each metric's mean is "
+    "over the utterances it could score (counts below).",
     "Durations: no aligner offline; each clip's voiced span (frames within 35 dB of its loudest) is split "
     "uniformly over the characters, leading/trailing frames go to silence tokens.",
 ]
+REFERENCE_MODELS = ("vocoded_recording", "second_take")
 
 
 def _metrics(pipe) -> list[str]:
@@ -84,8 +100,13 @@ def adaptation_run(
     test_examples,
     evaluators,
     started: float,
+    takes=None,
 ) -> RunResult:
-    """Score every adapted model on the same test clips and assemble the run's result."""
+    """Score every adapted model and the reference rows on the same test clips; assemble the result.
+
+    ``takes``: for each test example another real take of its text by the target speaker (the
+    ``second_take`` reference row), or None.
+    """
     options = pipe.options
     vocoder = pipe.vocoder()
     metrics, bootstrap, seed = _metrics(pipe), _bootstrap(pipe), pipe.seed
@@ -111,6 +132,10 @@ def adaptation_run(
         )
         syntheses["vocoded_recording"] = reference
         results["vocoded_recording"] = evaluate_scores(reference, bootstrap, seed, metrics)
+    if takes is not None:
+        syntheses["second_take"] = score_second_takes(test_examples, takes, evaluators, pipe.session.num_bins)
+        results["second_take"] = evaluate_scores(syntheses["second_take"], bootstrap, seed, metrics)
+    unscored = {label: unscored_summary(synthesis, metrics) for label, synthesis in syntheses.items()}
     sweep_results = {}
     for count, item in sweep.items():
         synthesis = synthesize_and_score(
@@ -118,6 +143,7 @@ def adaptation_run(
         )
         report = evaluate_scores(synthesis, bootstrap, seed, metrics)
         sweep_results[count] = {name: report[name].to_dict() for name in report}
+        unscored[f"sweep_{count}_clips"] = unscored_summary(synthesis, metrics)
     adapter_dir = run_dir / "adapters" / pipe.name
     checks = _checks(backbone.model, adapted[pipe.name].model, pipe.name, adapter_dir, test_examples)
     shown = min(options.data.plot_clips, len(test_examples))
@@ -129,6 +155,8 @@ def adaptation_run(
     )
     samples = []
     for label, synthesis in syntheses.items():
+        if label == "second_take":  # real recordings already, at their own rate
+            continue
         samples += write_samples(
             run_dir / "samples", label, synthesis, test_examples, options.data.samples, AUDIO.sample_rate
         )
@@ -145,9 +173,9 @@ def adaptation_run(
         "Disabling the adapter reproduces the base bit for bit: "
         f"{checks['disabled_adapter_equals_base']}; the saved "
         f"adapter reloads to identical mels: {checks['reloaded_adapter_equals_trained']}.",
-        "vocoded_recording scores the recordings' own mels through the vocoder: the floor any synthesis "
-        "can reach.",
+        *_reference_notes(pipe, takes, test_examples),
         *METRIC_NOTES,
+        *unscored_notes(unscored),
     ]
     train_results = [item.result for item in adapted.values() if item.result is not None]
     return RunResult(
@@ -189,10 +217,69 @@ def adaptation_run(
                 "checks": checks,
                 "nearest_speaker_cosines": {backbone.speakers[k]: v for k, v in cosines.items()},
                 "sweep_adaptation_clips": sweep_results,
+                "reference_models": [label for label in REFERENCE_MODELS if label in results],
+                "second_takes": {
+                    e.utterance.path.stem: t.utterance.path.stem
+                    for e, t in zip(test_examples, takes or [], strict=False)
+                },
+                "unscored": unscored,
                 "evaluators": evaluators.meta if evaluators is not None else None,
             },
         },
     )
+
+
+def score_second_takes(examples, takes, evaluators, num_bins: int | None) -> Synthesis:
+    """Score another real take of each example's text (the ``second_take`` reference row)."""
+    waveforms, rates = [], []
+    for take in takes:
+        wav, rate = load_wav(take.utterance.path)
+        waveforms.append(peak_normalize(wav))
+        rates.append(rate)
+    return score_waveforms(
+        [e.utterance for e in examples],
+        waveforms,
+        rates,
+        [e.mel for e in examples],
+        [t.mel for t in takes],
+        num_bins,
+        evaluators,
+    )
+
+
+def _reference_notes(pipe, takes, test_examples) -> list[str]:
+    data = pipe.options.data
+    rows = []
+    if data.vocode_reference:
+        rows.append(
+            "vocoded_recording scores the recordings' own mels through the vocoder, the floor any synthesis "
+            "through this vocoder can reach"
+        )
+    if takes is not None:
+        rows.append(
+            "second_take scores another real take of the same digit by the same speaker against each test "
+            "recording: what natural variation alone gives (its speaker_similarity, real against real, is "
+            "the ceiling of that metric)"
+        )
+    notes = (
+        ["Reference rows, not competitors (report.json extra.reference_models): " + "; ".join(rows) + "."]
+        if rows
+        else []
+    )
+    if takes is not None:
+        indices = sorted({t.utterance.index for t in takes})
+        scored = sorted({e.utterance.index for e in test_examples})
+        unseen = all(i < 5 for i in indices)  # FSDD test split: no evaluator trained on them
+        notes.append(
+            f"second_take uses the takes with FSDD indices {indices} "
+            + ("(test split, " if unseen else "(")
+            + f"never used for adaptation in this run) for the scored test clips with indices {scored}, "
+            "same digit (extra.second_takes lists each pair)"
+            + ("; no evaluator was trained on them." if unseen else ".")
+        )
+    elif data.second_take_reference:
+        notes.append("No second_take row: some test digit has no take left that is neither scored nor used.")
+    return notes
 
 
 def base_run(pipe, run_dir: Path, backbone, evaluators, vocoder, started: float) -> RunResult:
@@ -209,16 +296,7 @@ def base_run(pipe, run_dir: Path, backbone, evaluators, vocoder, started: float)
         synthesize_and_score(backbone.model, [e], e.speaker, vocoder, evaluators, pipe.session.num_bins)
         for e in tests
     ]
-    import numpy as np
-
-    from pipelines.speech.scoring import Synthesis
-
-    merged = Synthesis(
-        np.concatenate([s.scores for s in syntheses]),
-        np.concatenate([s.digits for s in syntheses]),
-        [w for s in syntheses for w in s.waveforms],
-        [m for s in syntheses for m in s.mels],
-    )
+    merged = merge_syntheses(syntheses)
     report = evaluate_scores(merged, bootstrap, pipe.seed, metrics)
     plot_mels(
         run_dir / "mels.png",
@@ -259,7 +337,8 @@ def base_run(pipe, run_dir: Path, backbone, evaluators, vocoder, started: float)
                 if backbone.info.get("cached")
                 else "The base was trained in this run and cached.",
                 *METRIC_NOTES,
+                *unscored_notes({"base": unscored_summary(merged, metrics)}),
             ],
-            "extra": {"evaluators": evaluators.meta},
+            "extra": {"evaluators": evaluators.meta, "unscored": {"base": unscored_summary(merged, metrics)}},
         },
     )

@@ -89,7 +89,16 @@ def test_quick_run_compares_methods_on_fsdd(tmp_path, monkeypatch):
         },
     )
     result = pipe.run(tmp_path)
-    assert list(result.results) == ["speaker", "lora", "full_finetune", "nearest_speaker"]
+    assert list(result.results) == ["speaker", "lora", "full_finetune", "nearest_speaker", "second_take"]
+    extra = result.info["extra"]
+    assert extra["reference_models"] == ["second_take"]
+    # test clips have index 0, adaptation used indices 5 (digits 0-4): the take is index 1, same digit
+    assert extra["second_takes"]["7_yweweler_0"] == "7_yweweler_1"
+    assert math.isnan(result.results["second_take"]["speaker_similarity"].value)  # evaluators off
+    assert extra["unscored"]["second_take"]["speaker_similarity"]["count"] == 10
+    assert 2.0 < result.results["second_take"]["mcd"].value < 15.0
+    assert set(extra["unscored"]) == {"speaker", "lora", "full_finetune", "nearest_speaker", "second_take"}
+    assert any(note.startswith("Reference rows, not competitors") for note in result.info["notes"])
     assert result.info["extra"]["checks"] == {
         "disabled_adapter_equals_base": True,
         "reloaded_adapter_equals_trained": True,

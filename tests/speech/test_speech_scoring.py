@@ -1,0 +1,114 @@
+"""Per-utterance scoring: registered metrics, resampling, unscored counts, second takes, evaluators."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.core.evaluation import evaluate
+from pipelines.speech.adaptation import second_takes
+from pipelines.speech.audio import load_wav, resample, write_wav
+from pipelines.speech.data import Utterance
+from pipelines.speech.metrics import mcd_db
+from pipelines.speech.scoring import (
+    NOT_VOICED_IN_BOTH,
+    SCORE_COLUMNS,
+    SPEECH_METRICS,
+    score_waveforms,
+    unscored_notes,
+    unscored_summary,
+)
+
+pytest.importorskip("pyworld")
+
+
+def _voice(f0: float, rate: int, seconds: float = 0.4, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    wav = 0.5 * np.sin(2 * np.pi * f0 * t) + 0.2 * np.sin(2 * np.pi * 2 * f0 * t)
+    return (wav + 1e-3 * np.random.default_rng(seed).standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.mark.filterwarnings("ignore:.*bootstrap resamples were degenerate")
+def test_speech_metrics_are_registered_and_average_the_scored_utterances():
+    rows = np.full((3, len(SCORE_COLUMNS)), np.nan)
+    column = {name: i for i, name in enumerate(SCORE_COLUMNS)}
+    rows[:, column["mcd"]] = [4.0, 6.0, 8.0]
+    rows[:, column["log_f0_rmse"]] = [10.0, np.nan, 30.0]
+    rows[:, column["gpe"]] = [0.0, np.nan, 0.5]
+    rows[:, column["speaker_similarity"]] = [0.5, 0.7, 0.9]
+    rows[:, column["digit_prediction"]] = [3, 1, 2]
+    report = evaluate(
+        "speech", np.array([3, 1, 5]), rows, metrics=list(SPEECH_METRICS), bootstrap=200, seed=0
+    )
+    assert report["mcd"].value == pytest.approx(6.0)
+    assert report["log_f0_rmse"].value == pytest.approx(20.0)
+    assert report["gpe"].value == pytest.approx(0.25)
+    assert report["speaker_similarity"].value == pytest.approx(0.7)
+    assert report["intelligibility"].value == pytest.approx(2 / 3)
+    assert report["mcd"].low >= 4.0 and report["mcd"].high <= 8.0
+
+
+def test_score_waveforms_resamples_to_the_recordings_rate_and_says_what_it_could_not_score(tmp_path):
+    recording = _voice(150.0, 8000)
+    path = write_wav(tmp_path / "3_target_0.wav", recording, 8000)
+    utterance = Utterance(Path(path), "three", "target", 3, 0)
+    synthesis = resample(_voice(150.0, 8000, seed=1), 8000, 22050)
+    silence = 1e-3 * np.random.default_rng(2).standard_normal(len(synthesis)).astype(np.float32)
+    mel = torch.zeros(20, 80)
+    scored = score_waveforms([utterance] * 2, [synthesis, silence], 22050, [mel, mel], [mel, mel + 1.0], 62)
+    column = {name: i for i, name in enumerate(SCORE_COLUMNS)}
+    stored, rate = load_wav(path)
+    # scored at 8 kHz against the stored recording (peak-normalised first, which MCD ignores up to rounding)
+    assert scored.scores[0, column["mcd"]] == pytest.approx(
+        mcd_db(stored, resample(synthesis, 22050, 8000), rate), rel=1e-5
+    )
+    assert scored.scores[0, column["gpe"]] == 0.0 and scored.scores[0, column["f0_coverage"]] > 0.8
+    assert math.isnan(scored.scores[1, column["log_f0_rmse"]]) and scored.scores[1, column["vde"]] > 0.8
+    assert scored.scores[1, column["log_mel_cepstral_distance"]] == pytest.approx(0.0, abs=1e-9)
+    summary = unscored_summary(scored)
+    assert summary["log_f0_rmse"] == {"count": 1, "of": 2, "reasons": {NOT_VOICED_IN_BOTH: 1}}
+    assert summary["gpe"]["count"] == 1 and "mcd" not in summary
+    assert summary["speaker_similarity"]["count"] == 2  # no evaluators
+    note = unscored_notes({"speaker": summary})[0]
+    assert note.startswith("Utterances not scored, speaker: ") and "log_f0_rmse 1 of 2" in note
+    assert unscored_notes({"speaker": {}}) == ["Every metric scored every test utterance of every model."]
+
+
+def test_second_takes_are_neither_scored_nor_used_for_adaptation():
+    def clip(digit: int, index: int) -> Utterance:
+        return Utterance(Path(f"{digit}_s_{index}.wav"), str(digit), "s", digit, index)
+
+    clips = [clip(d, i) for d in (1, 2) for i in range(8)]
+    test = [clip(1, 0), clip(1, 1), clip(2, 0)]
+    used = {clip(1, 2).path, clip(2, 1).path}
+    takes = second_takes(test, clips, used)
+    assert [t.path.name for t in takes] == ["1_s_3.wav", "1_s_4.wav", "2_s_2.wav"]
+    assert second_takes(test, clips[:3] + clips[8:], used) is None  # digit 1: no take left
+
+
+def test_the_speaker_id_evaluator_never_sees_the_held_out_speaker(tmp_path, monkeypatch):
+    from pipelines.speech.data import FSDD_SPEAKERS, Example
+    from pipelines.speech.evaluators import load_evaluators
+
+    monkeypatch.setenv("PEFT_PIPELINES_CACHE", str(tmp_path))
+    generator = torch.Generator().manual_seed(0)
+
+    def example(speaker: str, digit: int, offset: float) -> Example:
+        mel = torch.randn(12, 80, generator=generator) + offset
+        utterance = Utterance(Path(f"{digit}_{speaker}_5.wav"), str(digit), speaker, digit, 5)
+        return Example(torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long), mel, 0, utterance)
+
+    train = [example(s, d, 5.0 if s == "yweweler" else 0.0) for s in FSDD_SPEAKERS for d in range(10)]
+    base = [s for s in FSDD_SPEAKERS if s != "yweweler"]
+    evaluators = load_evaluators(lambda: (train, train[:12]), speakers=base)
+    bins = evaluators.speaker_id.num_bins
+    base_mean = torch.cat([e.mel[:, :bins] for e in train if e.utterance.speaker != "yweweler"]).mean(dim=0)
+    torch.testing.assert_close(evaluators.speaker_id.mean, base_mean)
+    assert evaluators.speaker_id.classifier.out_features == 5
+    assert evaluators.meta["speaker_id"]["never_heard"] == ["yweweler"]
+    all_mean = torch.cat([e.mel[:, :bins] for e in train]).mean(dim=0)
+    torch.testing.assert_close(evaluators.digit.mean, all_mean)
