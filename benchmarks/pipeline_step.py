@@ -1,5 +1,6 @@
 """One training step of each domain's pipeline: the frozen floor, full fine-tuning, HF peft with a plain
-PyTorch loop, and the pipeline's own step (its LoRA, run by the core training loop).
+PyTorch loop, this package's LoRA in the same plain loop, and the pipeline's own step (its LoRA, run by
+the core training loop).
 
 Each domain's model is built by the domain's own code with random weights of the configured shape (see
 `pipeline_cases.py`). Every row uses the core precision policy of `precision: auto` (on CUDA: frozen
@@ -9,10 +10,15 @@ between optimiser steps (its DataLoader and collation, gradient clipping at 1.0,
 
 GPU (`--config gpu`): each (domain, row) in `--repeat` fresh processes taken in turns, each the median
 of `--steps` steps after 3 warm-up steps (synchronised); the median process is reported, with the range.
-CPU (`--config cpu`): one process, the rows of a domain taken in turns `--repeat` times; the median of
-all timed steps; peak memory is not measured on the CPU.
+CPU (`--config cpu`): one process, the rows of a domain taken in turns `--repeat` times (a different
+row first each time), `--steps` steps each; the median of all timed steps; no peak memory on the CPU.
 
     python benchmarks/pipeline_step.py --config cpu [--domains imaging,speech] [--json out.json]
+
+A GPU process builds its model on the CPU first (LLaMA-1.1B: tens of seconds), so the whole GPU
+configuration (5 domains x 5 rows x 3 processes) takes far longer than its steps; `--in-process --repeat
+1` runs every row of the chosen domains in one process, `--domains clinical --rows floor,hf_peft,ours`
+a part of it.
 """
 
 from __future__ import annotations
@@ -201,8 +207,8 @@ def measure(config: str, domain: str, rows: list[str], device: torch.device, ste
     warmup = WARMUP[config]
     case = build_case(config, domain, warmup + steps)
     measured: dict[str, dict] = {}
-    for _ in range(repeat):
-        for row in rows:
+    for round_ in range(repeat):
+        for row in rows[round_ % len(rows) :] + rows[: round_ % len(rows)]:  # each row first in turn
             torch.manual_seed(0)
             if row == "pipeline":
                 sample = pipeline_steps(case, device, steps, warmup)
@@ -331,12 +337,15 @@ def main() -> None:
     parser.add_argument("--domains", default=",".join(DOMAINS))
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: gpu 10, cpu 3)")
-    parser.add_argument("--repeat", type=int, default=3, help="gpu: processes per row; cpu: rounds")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="gpu: processes per row (3); cpu: rounds (2)"
+    )
     parser.add_argument("--in-process", action="store_true", help="gpu: every row in this process")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # a child process's samples
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     steps = args.steps or (10 if args.config == "gpu" else 3)
+    repeat = args.repeat or (3 if args.config == "gpu" else 5)
     domains, rows = args.domains.split(","), args.rows.split(",")
     if args.raw:  # one (domain, row) of measure_isolated: hand back the step times
         device = torch.device("cuda")
@@ -348,7 +357,7 @@ def main() -> None:
         )
         args.json.write_text(json.dumps({"rows": [sample]}))
         return
-    result = run(args.config, domains, rows, steps, args.repeat, args.in_process)
+    result = run(args.config, domains, rows, steps, repeat, args.in_process)
     print(table(result["rows"]))
     out = args.json or Path(f"benchmarks/results/pipeline_step_{args.config}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
