@@ -15,8 +15,8 @@ A model whose weights are bf16 cannot take float32 activations outside autocast,
 hooks the modules that hold cast weights: their outermost call (predictions after training, a reload
 check, lab code) enters the same bf16 autocast; inside `train`, which enters it itself, the hooks do
 nothing (a Ctrl-C inside such a call leaves autocast on until that module is called again). Parameters
-are cast through `param.data`, so tied and shared parameters (a backbone shared by
-several candidate models) stay one tensor, in one dtype.
+are cast through `param.data`, so tied and shared parameters (a backbone shared by several candidate
+models) stay one tensor, in one dtype.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def apply_precision_policy(
 
     Returns:
         The policy as the run report states it: compute_dtype, frozen_dtype, trainable_dtype (the dtypes
-        of the trainable parameters), cast_parameters (tensors held in bf16 by the policy, tied ones once),
-        cast_elements, and restored_parameters (cast earlier, float32 again now).
+        of the trainable parameters), cast_parameters (frozen layer weight tensors held in bf16, tied ones
+        once; those this call cast and those already bf16), cast_elements, and restored_parameters (cast
+        earlier, float32 again now).
     """
     policy = resolve_policy(device_type, precision, frozen_dtype)
     restored = 0
@@ -128,8 +129,14 @@ def apply_precision_policy(
                 restored += parameter.dtype != original
                 parameter.data = parameter.data.to(original)
                 delattr(parameter, _CAST_FROM)
-    cast = [p for p in _castable(model).values() if hasattr(p, _CAST_FROM)]
-    _hook_modules(model, policy, {id(p) for p in cast})
+    # Whoever made them bf16 (this policy, the loader, a deep copy, which drops the markers), bf16
+    # layer weights need the autocast hooks.
+    low = {
+        id(p): p for module in model.modules() if isinstance(module, CAST_TYPES)
+        for p in module.parameters(recurse=False) if p.dtype == policy.compute_dtype
+    }  # fmt: skip
+    _hook_modules(model, policy, set(low))
+    cast = [p for p in low.values() if not p.requires_grad]
     trainable = sorted({_name(p.dtype) for p in model.parameters() if p.requires_grad})
     return {
         "compute_dtype": _name(policy.compute_dtype),
@@ -192,8 +199,8 @@ def _exit(module: nn.Module, args: Any, output: Any) -> None:
 
 
 def _hook_modules(model: nn.Module, policy: PrecisionPolicy, cast: set[int]) -> None:
-    """Turns the autocast hooks on for every module holding a cast parameter (itself or below), off for
-    the others. Hooks stay registered (a deep copy keeps them, with the setting they read)."""
+    """Turns the autocast hooks on for every module holding one of the `cast` parameters (itself or below),
+    off for the others. Hooks stay registered (a deep copy keeps them, with the setting they read)."""
     setting = (policy.device_type, policy.compute_dtype or torch.bfloat16)
     for module in model.modules():
         if cast and any(id(p) in cast for p in module.parameters()):

@@ -249,3 +249,15 @@ def test_cuda_auto_trains_a_bf16_backbone_on_the_fused_path_and_predicts_after(t
     assert scores.dtype == torch.bfloat16 and torch.isfinite(scores.float()).all()
     saved = load_file(tmp_path / "checkpoints" / "last" / "model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
+def test_a_deep_copy_of_a_cast_model_keeps_running_outside_train():
+    import copy
+
+    model = adapted()
+    apply_precision_policy(model, "cpu", "bf16")
+    twin = copy.deepcopy(model)  # drops the parameters' markers, keeps the hooks
+    report = apply_precision_policy(twin, "cpu", "bf16")
+    assert report["cast_parameters"] == 15  # held in bf16 (already, not by this call)
+    with torch.no_grad():
+        assert twin(torch.randint(0, 64, (2, 5))).dtype == torch.bfloat16
