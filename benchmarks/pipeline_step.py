@@ -348,7 +348,7 @@ def main() -> None:
     repeat = args.repeat or (3 if args.config == "gpu" else 5)
     domains, rows = args.domains.split(","), args.rows.split(",")
     if args.raw:  # one (domain, row) of measure_isolated: hand back the step times
-        device = torch.device("cuda")
+        device = torch.device("cuda" if args.config == "gpu" else "cpu")
         case = build_case(args.config, domains[0], WARMUP[args.config] + steps)
         sample = (
             pipeline_steps(case, device, steps, WARMUP[args.config])
