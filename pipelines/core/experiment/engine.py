@@ -108,7 +108,7 @@ def train_candidate(
         _prepare(model, stage, plan)
         trained_names |= {name for name, p in model.named_parameters() if p.requires_grad}
         folder = root / "train" / label / stage.name if plan.checkpoint else None
-        result = train(
+        result = plan.trained if plan.trained is not None else train(
             model, plan.dataset, plan.loss_fn, plan.train or stage.train, val_data=plan.val_data,
             evaluate_fn=plan.evaluate_fn, run_dir=folder, resume=resume and folder is not None,
             collate_fn=plan.collate_fn, seed=seed, progress=False,
@@ -146,10 +146,25 @@ def _save_and_check(hooks: ExperimentHooks, candidate: Trained, stages, plans, r
     fresh = hooks.new_model()
     for folder in candidate.adapters.values():
         load_adapter(fresh, folder)
+    _match_placement(fresh, candidate.model)
     candidate.model.eval(), fresh.eval()
     with torch.no_grad():
         same = torch.equal(probe(candidate.model), probe(fresh))
     candidate.details["reload_identical"] = bool(same)
+
+
+def _match_placement(fresh: nn.Module, trained: nn.Module) -> None:
+    """Give the reloaded model the trained one's device and per-parameter dtypes (the precision policy
+    casts frozen weights to bf16 on a GPU), so the reload check compares like with like."""
+    placed = dict(trained.named_parameters())
+    device = next(iter(placed.values())).device if placed else None
+    if device is not None:
+        fresh.to(device)  # buffers too (BatchNorm statistics)
+    with torch.no_grad():
+        for name, parameter in fresh.named_parameters():
+            twin = placed.get(name)
+            if twin is not None and (parameter.dtype != twin.dtype or parameter.device != twin.device):
+                parameter.data = parameter.data.to(device=twin.device, dtype=twin.dtype)
 
 
 def _history(results: list[Any]) -> list[dict]:
@@ -173,6 +188,15 @@ def _outcome(label: str, outcome: Outcome) -> Trained:
     return Trained(label, None, outcome.predictions, parameters, details=dict(outcome.details))
 
 
+def _model_facts(model: Trained) -> dict[str, Any]:
+    """Steps, the precision policy of each stage, and what the engine noted (reload check, details)."""
+    facts = {"steps": sum(r.steps for r in model.results)}
+    policies = [getattr(r, "precision_policy", None) for r in model.results]
+    if any(policies):
+        facts["precision"] = policies
+    return facts | {key: value for key, value in model.details.items() if key != "evaluate"}
+
+
 def _info(dataset: dict, described: dict, models: dict[str, Trained], primary: str, started: float) -> dict:
     main = models[primary]
     notes = list(described.pop("notes", []))
@@ -181,9 +205,7 @@ def _info(dataset: dict, described: dict, models: dict[str, Trained], primary: s
         notes.append(f"The saved adapters ({', '.join(main.adapters)}) reloaded into a fresh model give "
                      f"{verdict} outputs on test examples.")  # fmt: skip
     extra = described.pop("extra", {})
-    extra["models"] = {label: {"steps": sum(r.steps for r in m.results), **{k: v for k, v in m.details.items()
-                                                                              if k != "evaluate"}}
-                       for label, m in models.items()}  # fmt: skip
+    extra["models"] = {label: _model_facts(m) for label, m in models.items()}
     return {
         "dataset": {**dataset, **described.pop("dataset", {})},
         "cost": {**cost(models, primary, started), **described.pop("cost", {})},
