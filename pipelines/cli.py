@@ -1,7 +1,7 @@
 """The ``peft-pipelines`` command: run, validate, list, evaluate, export, cp, demo.
 
-Shipped recipes live in ``<repository>/recipes/<domain>/*.yaml`` beside the package (which is installed
-editable); ``run``, ``validate`` and ``cp`` accept a file path or a shipped name such as
+Shipped recipes are package data, ``pipelines/recipes/<domain>/*.yaml`` (``recipes/`` links there in a
+checkout); ``run``, ``validate`` and ``cp`` accept a file path or a shipped name such as
 ``imaging/pneumoniamnist_dinov2s_lora``. Errors print one line on stderr and exit non-zero;
 ``--debug`` shows the traceback instead.
 """

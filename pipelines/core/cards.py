@@ -56,8 +56,8 @@ class DataCard(BaseModel):
 
 
 def cards_dir() -> Path:
-    """Return ``<repository>/data_cards`` (beside the editable-installed package)."""
-    return Path(__file__).resolve().parents[2] / "data_cards"
+    """Return ``pipelines/data_cards`` (package data; ``data_cards`` links to it in a checkout)."""
+    return Path(__file__).resolve().parents[1] / "data_cards"
 
 
 def list_cards() -> list[str]:

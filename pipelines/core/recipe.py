@@ -197,8 +197,9 @@ class Recipe(_Section):
 
 
 def recipes_dir() -> Path:
-    """Return the shipped recipes folder, ``<repository>/recipes`` (the package is installed editable)."""
-    return Path(__file__).resolve().parents[2] / "recipes"
+    """Return the shipped recipes folder, ``pipelines/recipes`` (package data; ``recipes`` links to it in a
+    checkout)."""
+    return Path(__file__).resolve().parents[1] / "recipes"
 
 
 def list_recipes(pattern: str = "*") -> list[str]:
