@@ -49,6 +49,8 @@ class StagePlan:
         collate_fn, val_data, evaluate_fn: Passed to ``train``.
         train: The training settings (default: the stage's ``train`` section).
         checkpoint: Write training checkpoints (off for a large full fine-tuning baseline, if wanted).
+        trained: The TrainResult of a training done before (a cached model the domain loaded): the
+            engine records it and trains nothing.
     """
 
     dataset: Any
@@ -61,6 +63,7 @@ class StagePlan:
     evaluate_fn: Callable | None = None
     train: Any = None
     checkpoint: bool = True
+    trained: Any = None
 
 
 @dataclass
