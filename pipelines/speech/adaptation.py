@@ -1,4 +1,4 @@
-"""New-speaker adaptation of a frozen acoustic model: methods, clip choice, nearest speaker, training.
+"""New-speaker adaptation of a frozen acoustic model: methods, clip choice, nearest speaker, training hooks.
 
 Methods (one label each in reports):
 - the stage's adapter (default a serial bottleneck adapter on every ``proj`` of the encoder, duration
@@ -7,33 +7,40 @@ Methods (one label each in reports):
 - ``full_finetune``: every weight of a copy of the base trains (a lower learning rate, ``finetune_lr``);
 - ``nearest_speaker``: no training, the base model speaking as the closest existing speaker.
 All conditioned on the nearest existing speaker's embedding, so only the adapted weights carry the
-new voice.
+new voice. Every trained method goes through the core engine's ``train_candidate`` with
+:class:`ClipTraining` as its hooks: lab code, the recipe path and the clip sweep train the same way.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipelines.core.peft import (
-    AdapterSpec,
-    LoRA,
-    ParameterCount,
-    add_adapter,
-    count_parameters,
-    set_trainable,
-)
-from pipelines.core.training import TrainConfig, TrainResult, train
+from pipelines.core.experiment import StagePlan, train_candidate
+from pipelines.core.peft import AdapterSpec, Bottleneck, LoRA, ParameterCount, count_parameters
+from pipelines.core.recipe import BackboneSection, DataSection, Recipe, StageSection
+from pipelines.core.training import TrainConfig, TrainResult
 from pipelines.speech.backbones import _Examples, acoustic_loss
 from pipelines.speech.data import Example, Utterance, collate_examples
 from pipelines.speech.model import AcousticModel, adapter_targets
 
-__all__ = ["AdaptedModel", "adaptation_clips", "second_takes", "nearest_speaker", "adapt", "BASELINES"]
+__all__ = [
+    "AdaptedModel",
+    "ClipTraining",
+    "adaptation_clips",
+    "second_takes",
+    "nearest_speaker",
+    "baseline_stage",
+    "adaptation_recipe",
+    "adapt",
+    "BASELINES",
+]
 
 BASELINES = ("lora", "full_finetune", "nearest_speaker")
 
@@ -110,8 +117,79 @@ def nearest_speaker(
     return max(cosines, key=cosines.get), cosines
 
 
+def default_adapter() -> Bottleneck:
+    """The default speaker adapter: a bottleneck of hidden size 16 on every ``proj``."""
+    return Bottleneck(targets=adapter_targets(), hidden=16)
+
+
+def baseline_stage(name: str, stage: Any, lora_rank: int, finetune_lr: float, targets: list[str]) -> Any:
+    """A trained baseline as one stage with ``stage``'s objective and budget: ``lora`` (rank
+    ``lora_rank``, alpha 2 x rank, on ``targets``) or ``full_finetune`` (no adapter, which the speech
+    hooks read as every weight training, at ``finetune_lr``)."""
+    if name == "lora":
+        spec = LoRA(r=lora_rank, alpha=2 * lora_rank, targets=list(targets))
+        return stage.model_copy(update={"name": name, "adapter": spec, "trainable": [name]})
+    if name == "full_finetune":
+        train = stage.train.model_copy(update={"lr": finetune_lr})
+        return stage.model_copy(update={"name": name, "adapter": None, "trainable": [], "train": train})
+    raise ValueError(f"unknown adaptation baseline '{name}'; use {', '.join(BASELINES)}")
+
+
+def adaptation_recipe(
+    recipe: Recipe | None, stage: StageSection, compare: list, seed: int, backbone: str
+) -> Recipe:
+    """The recipe the engine runs: ``recipe`` with its one stage's adapter set to ``stage.adapter`` (an
+    ``adapter: null`` stage trains the default one) and ``compare`` as the pipeline reads it; for lab
+    code's ``run``, a recipe made of ``stage`` and these."""
+    if recipe is not None:
+        first = recipe.stages[0]
+        first = first.model_copy(
+            update={"adapter": stage.adapter, "trainable": first.trainable or [first.name]}
+        )
+        return recipe.model_copy(update={"stages": [first], "compare": list(compare)})
+    return Recipe(
+        name="speaker_adaptation", pipeline="speech/speaker_adaptation", seed=seed,
+        backbone=BackboneSection(name=backbone), data=DataSection(dataset="fsdd"), stages=[stage],
+        compare=list(compare),
+    )  # fmt: skip
+
+
 def _with_speaker(examples: list[Example], speaker: int) -> list[Example]:
     return [Example(e.tokens, e.durations, e.mel, speaker, e.utterance) for e in examples]
+
+
+class ClipTraining:
+    """The engine's training hooks on a speaker's clips, conditioned on one existing speaker.
+
+    Each candidate is a copy of the frozen base; its adapter starts from ``seed`` whatever trained
+    before it. A stage's adapter without targets goes on every ``proj``; a stage without an adapter is
+    full fine-tuning (the acoustic model has no head to train alone).
+    """
+
+    def __init__(
+        self, base: AcousticModel, examples: list[Example], speaker: int, seed: int, checkpoint: bool = True
+    ) -> None:
+        self.base, self.examples = base, _with_speaker(examples, speaker)
+        self.seed, self.checkpoint = seed, checkpoint
+
+    def new_model(self) -> AcousticModel:
+        torch.manual_seed(self.seed)
+        return copy.deepcopy(self.base)
+
+    def plan_stage(self, model: AcousticModel, stage: Any, index: int) -> StagePlan:
+        spec = stage.adapter
+        if spec is not None and not spec.targets:
+            spec = replace(spec, targets=adapter_targets())
+        # a few clips with batch 8 would make a DataLoader with fewer batches than steps: repeat the clips
+        repeats = max(1, int(np.ceil(stage.train.batch_size / max(len(self.examples), 1))))
+        return StagePlan(
+            _Examples(self.examples * repeats), acoustic_loss, spec, full=spec is None,
+            collate_fn=collate_examples, checkpoint=self.checkpoint,
+        )  # fmt: skip
+
+    def predict(self, model: AcousticModel) -> tuple[np.ndarray, np.ndarray]:
+        """Lab code has no test split here: empty arrays."""
+        return np.empty(0), np.empty(0)
 
 
 def adapt(
@@ -128,7 +206,7 @@ def adapt(
     run_dir=None,
 ) -> AdaptedModel:
     """Adapt a copy of ``base`` to the examples with one method (``adapter``, ``lora``,
-    ``full_finetune`` or ``nearest_speaker``); the base itself is never changed.
+    ``full_finetune`` or ``nearest_speaker``) through ``train_candidate``; the base never changes.
 
     Args:
         base: The frozen base model.
@@ -141,41 +219,18 @@ def adapt(
         finetune_lr: Learning rate of ``full_finetune``.
         lora_rank: Rank of ``lora`` (alpha = 2 x rank).
         seed: Training seed.
-        run_dir: Where the loop writes metrics.jsonl (and checkpoints).
+        run_dir: Where the loop writes ``train/<method>/<stage>/`` (metrics.jsonl, checkpoints).
     """
-    from pipelines.core.peft import Bottleneck
-
-    model = copy.deepcopy(base)
     start = time.perf_counter()
     if method == "nearest_speaker":
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        return AdaptedModel(method, model.eval(), None, count_parameters(model), 0.0)
-    if method == "adapter":
-        add_adapter(model, spec or Bottleneck(targets=adapter_targets(), hidden=16), name=name)
-        set_trainable(model, [name])
-    elif method == "lora":
-        add_adapter(model, LoRA(r=lora_rank, alpha=2 * lora_rank, targets=adapter_targets()), name=name)
-        set_trainable(model, [name])
-    elif method == "full_finetune":
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
-        config = config.model_copy(update={"lr": finetune_lr})
-    else:
-        raise ValueError(f"unknown adaptation method '{method}'; use adapter, {', '.join(BASELINES)}")
-    parameters = count_parameters(model)
-    # a few clips with batch 8 would make a DataLoader with fewer batches than steps: repeat the clips
-    data = _with_speaker(examples, speaker)
-    repeats = max(1, int(np.ceil(config.batch_size / max(len(data), 1))))
-    result = train(
-        model,
-        _Examples(data * repeats),
-        loss_fn=acoustic_loss,
-        config=config,
-        run_dir=run_dir,
-        collate_fn=collate_examples,
-        seed=seed,
-        progress=False,
+        model = copy.deepcopy(base).requires_grad_(False).eval()
+        return AdaptedModel(method, model, None, count_parameters(model), 0.0)
+    stage = StageSection(name=name, objective="tts", adapter=spec or default_adapter(), train=config)
+    if method != "adapter":
+        stage = baseline_stage(method, stage, lora_rank, finetune_lr, adapter_targets())
+    hooks = ClipTraining(base, examples, speaker, seed, checkpoint=run_dir is not None)
+    trained = train_candidate(hooks, [stage], method, Path(run_dir or "."), False, seed, False)
+    model = trained.model.eval()
+    return AdaptedModel(
+        method, model, trained.results[0], count_parameters(model), time.perf_counter() - start
     )
-    model.eval()
-    return AdaptedModel(method, model, result, parameters, time.perf_counter() - start)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +71,7 @@ class Backbone:
     model: AcousticModel
     speakers: list[str]
     info: dict = field(default_factory=dict)
+    train_result: Any = None  # the TrainResult when this process trained it (None: loaded)
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -96,12 +98,13 @@ def acoustic_loss(model: AcousticModel, batch: dict[str, torch.Tensor]) -> torch
 
 
 def train_fsdd_base(
-    settings: BaseSettings, examples: list[Example], run_dir=None
+    settings: BaseSettings, examples: list[Example], run_dir=None, resume: bool = False
 ) -> tuple[AcousticModel, dict]:
-    """Train the multi-speaker base on training examples of the base speakers with the core loop.
+    """Train the multi-speaker base on training examples of the base speakers with the core loop
+    (``resume``: continue from the checkpoint in ``run_dir``).
 
     Returns:
-        The model (eval mode) and facts (steps, wall time, final loss).
+        The model (eval mode) and facts (steps, wall time, final loss, history, the TrainResult).
     """
     from pipelines.core.training import TrainConfig, train
 
@@ -128,6 +131,7 @@ def train_fsdd_base(
         loss_fn=acoustic_loss,
         config=train_config,
         run_dir=run_dir,
+        resume=resume and run_dir is not None,
         collate_fn=collate_examples,
         seed=settings.seed,
         progress=False,
@@ -141,17 +145,19 @@ def train_fsdd_base(
         "first_loss": losses[0] if losses else None,
         "train_clips": len(examples),
         "history": result.history,
+        "result": result,
     }
     return model, facts
 
 
-def load_fsdd_base(settings: BaseSettings, examples_fn=None, run_dir=None) -> Backbone:
+def load_fsdd_base(settings: BaseSettings, examples_fn=None, run_dir=None, resume: bool = False) -> Backbone:
     """The cached FSDD base for these settings, trained first when absent and allowed.
 
     Args:
         settings: Base settings (the cache key).
         examples_fn: Called without arguments to get the training examples when training is needed.
-        run_dir: Where base training writes its metrics when it runs.
+        run_dir: Where base training writes its metrics and checkpoint when it runs.
+        resume: Continue an interrupted base training from its checkpoint in ``run_dir``.
 
     Raises:
         FileNotFoundError: No cached base matches and ``train_if_missing`` is false.
@@ -171,15 +177,15 @@ def load_fsdd_base(settings: BaseSettings, examples_fn=None, run_dir=None) -> Ba
     if examples_fn is None:
         raise ValueError("load_fsdd_base needs examples_fn to train the missing base model")
     logger.warning("no cached FSDD base model for these settings: training it now (a few minutes)")
-    model, facts = train_fsdd_base(settings, examples_fn(), run_dir)
+    model, facts = train_fsdd_base(settings, examples_fn(), run_dir, resume)
     meta = {
         "config": model.config.to_dict(),
         "speakers": settings.speakers(),
         "settings": settings.cache_settings(),
-        "training": {k: v for k, v in facts.items() if k != "history"},
+        "training": {k: v for k, v in facts.items() if k not in ("history", "result")},
     }
     save_entry(folder, model, meta)
-    backbone = Backbone(model, meta["speakers"], _info(folder, meta, cached=False))
+    backbone = Backbone(model, meta["speakers"], _info(folder, meta, cached=False), facts["result"])
     backbone.info["history"] = facts["history"]
     return backbone
 
@@ -213,12 +219,12 @@ def tiny_random_model(num_speakers: int = 2, seed: int = 0) -> AcousticModel:
 
 
 def load_backbone(
-    name: str, settings: BaseSettings | None = None, examples_fn=None, run_dir=None
+    name: str, settings: BaseSettings | None = None, examples_fn=None, run_dir=None, resume: bool = False
 ) -> Backbone:
     """A speech backbone by name: ``fsdd_multispeaker`` or ``test_tiny`` (random, 5 speakers)."""
     settings = settings or BaseSettings()
     if name == "fsdd_multispeaker":
-        return load_fsdd_base(settings, examples_fn, run_dir)
+        return load_fsdd_base(settings, examples_fn, run_dir, resume)
     if name == "test_tiny":
         speakers = settings.speakers()
         return Backbone(

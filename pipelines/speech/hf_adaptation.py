@@ -6,7 +6,8 @@ of encoder and decoder, and on FastSpeech2Conformer's variance predictors), ``lo
 training). The base is never changed: each method adapts a copy. Scores read the vocoded audio, as on the
 offline path: the synthesis is resampled to the recording's own rate, then MCD (WORLD + SPTK), the F0
 measures (harvest) and the log-mel cepstral distance (bins below half the recording's rate), with bootstrap
-intervals.
+intervals. Every trained method goes through the core engine's ``train_candidate`` with
+:class:`HfClipTraining` as its hooks, in lab code and recipes alike.
 """
 
 from __future__ import annotations
@@ -14,22 +15,20 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipelines.core.evaluation import EvaluationReport
-from pipelines.core.peft import (
-    AdapterSpec,
-    Bottleneck,
-    LoRA,
-    ParameterCount,
-    add_adapter,
-    count_parameters,
-    set_trainable,
-)
-from pipelines.core.training import TrainConfig, TrainResult, train
+from pipelines.core.experiment import StagePlan, train_candidate
+from pipelines.core.peft import AdapterSpec, Bottleneck, ParameterCount, adapter_specs, count_parameters
+from pipelines.core.peft.inject import logical_modules, matches
+from pipelines.core.recipe import StageSection
+from pipelines.core.training import TrainConfig, TrainResult
+from pipelines.speech.adaptation import baseline_stage
 from pipelines.speech.audio import load_wav
 from pipelines.speech.data import Utterance, peak_normalize, uniform_durations
 from pipelines.speech.hf_features import HfExample, collate_hf, log_mel, mel_bins_below
@@ -41,7 +40,10 @@ __all__ = [
     "HF_METHODS",
     "HF_METRICS",
     "HfAdapted",
+    "HfClipTraining",
     "hf_examples",
+    "resolve_hf_adapter",
+    "mirror_adapters",
     "adapt_hf",
     "score_hf",
     "hf_loss",
@@ -149,6 +151,64 @@ class _Dataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
+def resolve_hf_adapter(model: HfTts, spec: AdapterSpec) -> AdapterSpec:
+    """The spec with its targets (names in the transformers model; none: :func:`hf_adapter_targets`)
+    resolved to the modules they select, written as paths of the HfTts wrapper (``model.<name>``)."""
+    targets = list(spec.targets) or hf_adapter_targets(model.family)
+    chosen = [item.name for item in logical_modules(model.model)
+              if any(matches(t, item.name, item.module) for t in targets)]  # fmt: skip
+    if not chosen:
+        raise ValueError(
+            f"adapter targets {targets} match no module of the {model.family} model; name its modules "
+            f"(e.g. {hf_adapter_targets(model.family)[0]})"
+        )
+    return replace(spec, targets=[f"model.{name}" for name in chosen])
+
+
+def mirror_adapters(model: HfTts) -> None:
+    """Register the wrapper's adapters on the transformers model too, with its own module names, so that
+    ``model.model`` alone is the adapted model (``save_adapter``, HF peft export, lab code)."""
+    inner = adapter_specs(model.model)
+    for name, spec in adapter_specs(model).items():
+        inner.setdefault(name, replace(spec, targets=[t.removeprefix("model.") for t in spec.targets]))
+
+
+class HfClipTraining:
+    """The engine's training hooks on a speaker's clips for a transformers TTS model.
+
+    Each candidate is a copy of the frozen base (its adapter starts from ``seed``); adapters go into the
+    transformers model; a stage without an adapter is full fine-tuning. The model's own loss.
+    """
+
+    def __init__(self, base: HfTts, examples: list[HfExample], seed: int, checkpoint: bool = True) -> None:
+        self.base, self.examples, self.seed, self.checkpoint = base, examples, seed, checkpoint
+
+    def new_model(self) -> HfTts:
+        torch.manual_seed(self.seed)
+        return self.base.copy()
+
+    def plan_stage(self, model: HfTts, stage: Any, index: int) -> StagePlan:
+        if not self.examples:
+            raise ValueError(
+                f"no adaptation clips for '{stage.name}'; give at least one WAV file with its transcript"
+            )
+        spec = resolve_hf_adapter(model, stage.adapter) if stage.adapter is not None else None
+        repeats = max(1, int(np.ceil(stage.train.batch_size / len(self.examples))))
+        reduction = getattr(model.model.config, "reduction_factor", 1) if model.family == "speecht5" else 1
+        return StagePlan(
+            _Dataset(self.examples * repeats), hf_loss, spec, full=spec is None,
+            collate_fn=functools.partial(collate_hf, reduction_factor=reduction), checkpoint=self.checkpoint,
+        )  # fmt: skip
+
+    def after_stage(self, model: HfTts, stage: Any, result: Any) -> None:
+        mirror_adapters(model)
+        model.eval()
+
+    def predict(self, model: HfTts) -> tuple[np.ndarray, np.ndarray]:
+        """Lab code has no test split here: empty arrays."""
+        return np.empty(0), np.empty(0)
+
+
 def adapt_hf(
     base: HfTts,
     method: str,
@@ -162,43 +222,20 @@ def adapt_hf(
     run_dir=None,
 ) -> HfAdapted:
     """Adapt a copy of ``base`` with ``adapter`` (the stage's spec), ``lora``, ``full_finetune`` or
-    ``base`` (no training); the base itself never changes."""
-    model = base.copy()
+    ``base`` (no training) through the engine's ``train_candidate``; the base itself never changes."""
     start = time.perf_counter()
-    for parameter in model.parameters():
-        parameter.requires_grad_(method == "full_finetune")
     if method == "base":
-        return HfAdapted(method, model.eval(), None, count_parameters(model), 0.0)
-    if not examples:
-        raise ValueError(
-            f"no adaptation clips for '{method}'; give at least one WAV file with its transcript"
-        )
-    if method == "adapter":
-        add_adapter(model.model, spec or default_hf_adapter(base.family), name=name)
-        set_trainable(model.model, [name])
-    elif method == "lora":
-        targets = (spec.targets if spec is not None else None) or hf_adapter_targets(base.family)
-        add_adapter(model.model, LoRA(r=lora_rank, alpha=2 * lora_rank, targets=list(targets)), name=name)
-        set_trainable(model.model, [name])
-    elif method == "full_finetune":
-        config = config.model_copy(update={"lr": finetune_lr})
-    else:
-        raise ValueError(f"unknown adaptation method '{method}'; use adapter, {', '.join(HF_METHODS)}")
-    parameters = count_parameters(model)
-    repeats = max(1, int(np.ceil(config.batch_size / max(len(examples), 1))))
-    reduction = getattr(base.model.config, "reduction_factor", 1) if base.family == "speecht5" else 1
-    result = train(
-        model,
-        _Dataset(examples * repeats),
-        loss_fn=hf_loss,
-        config=config,
-        run_dir=run_dir,
-        collate_fn=functools.partial(collate_hf, reduction_factor=reduction),
-        seed=seed,
-        progress=False,
-    )
-    model.eval()
-    return HfAdapted(method, model, result, parameters, time.perf_counter() - start)
+        model = base.copy().requires_grad_(False).eval()
+        return HfAdapted(method, model, None, count_parameters(model), 0.0)
+    spec = spec or default_hf_adapter(base.family)
+    stage = StageSection(name=name, objective="tts", adapter=spec, train=config)
+    if method != "adapter":
+        targets = list(spec.targets) or hf_adapter_targets(base.family)
+        stage = baseline_stage(method, stage, lora_rank, finetune_lr, targets)
+    hooks = HfClipTraining(base, examples, seed, checkpoint=run_dir is not None)
+    trained = train_candidate(hooks, [stage], method, Path(run_dir or "."), False, seed, False)
+    model = trained.model.eval()
+    return HfAdapted(method, model, trained.results[0], count_parameters(model), time.perf_counter() - start)
 
 
 @torch.no_grad()

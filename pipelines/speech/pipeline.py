@@ -6,24 +6,23 @@ transformers TTS model, SpeechT5 / FastSpeech2Conformer (:mod:`pipelines.speech.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.core.evaluation import EvaluationReport, RunResult
-from pipelines.core.peft import AdapterSpec, Bottleneck, save_adapter
-from pipelines.core.recipe import pipeline_options
+from pipelines.core.experiment import run_experiment, train_candidate
+from pipelines.core.peft import AdapterSpec, save_adapter
+from pipelines.core.recipe import StageSection, pipeline_options
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult
 from pipelines.speech.adaptation import BASELINES as OFFLINE_BASELINES
-from pipelines.speech.adaptation import adapt, adaptation_clips, nearest_speaker, second_takes
+from pipelines.speech.adaptation import ClipTraining, adaptation_recipe, default_adapter, nearest_speaker
 from pipelines.speech.audio import load_vocoder
 from pipelines.speech.backbones import Backbone, load_backbone
 from pipelines.speech.data import Example, Utterance, folder_utterances, load_example, text_to_ids
 from pipelines.speech.fsdd import FsddSession
 from pipelines.speech.hf_tts import is_hf_backbone
-from pipelines.speech.model import adapter_targets
 from pipelines.speech.options import (
     AdaptationDataOptions,
     AdaptationOptions,
@@ -31,7 +30,6 @@ from pipelines.speech.options import (
     BaseOptions,
     SpeechBackboneOptions,
 )
-from pipelines.speech.report import adaptation_run, base_run
 from pipelines.speech.scoring import evaluate_scores, synthesize_and_score
 
 __all__ = ["SpeakerAdaptationPipeline", "BaseMultispeakerPipeline"]
@@ -65,6 +63,7 @@ class SpeakerAdaptationPipeline:
 
     OBJECTIVES = ("tts",)
     BASELINES = (*OFFLINE_BASELINES, "base")  # base: the frozen transformers backbone
+    SPEC_BASELINES = True  # an adapter spec in compare trains with the stage's objective and budget
     DATASETS = ("fsdd",)
 
     def __init__(
@@ -91,7 +90,7 @@ class SpeakerAdaptationPipeline:
         self.session = FsddSession(self.backbone_options.base_settings())
         self.backbone = backbone if isinstance(backbone, Backbone) else None
         self.backbone_name = backbone if isinstance(backbone, str) else backbone.info.get("name", "custom")
-        self.adapter = adapter or Bottleneck(targets=adapter_targets(), hidden=16)
+        self.adapter = adapter or default_adapter()
         self.train_config = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
         self.speaker, self.name, self.seed = speaker, name, seed
         self.use_evaluators = evaluators
@@ -150,19 +149,20 @@ class SpeakerAdaptationPipeline:
                 "data.options.speaker_folder/test_folder are read with transformers backbones only; "
                 "the FSDD base adapts to an FSDD speaker (data.options.target_speaker)"
             )
-        spec = stage.adapter or Bottleneck(targets=adapter_targets(), hidden=16)
-        pipe = cls(recipe.backbone.name, spec, stage.train, options.backbone, **common)
+        pipe = cls(recipe.backbone.name, stage.adapter or default_adapter(), stage.train, options.backbone,
+                   **common)  # fmt: skip
         pipe.recipe = recipe
         return pipe
 
     # lab code -------------------------------------------------------------------------------------
-    def _ensure_backbone(self, run_dir: Path | None = None) -> Backbone:
+    def _ensure_backbone(self, run_dir: Path | None = None, resume: bool = False) -> Backbone:
         if self.backbone is None:
             self.backbone = load_backbone(
                 self.backbone_name,
                 self.backbone_options.base_settings(),
                 self.session.base_training_examples,
                 run_dir,
+                resume,
             )
         return self.backbone
 
@@ -185,26 +185,23 @@ class SpeakerAdaptationPipeline:
             ]
         return 0
 
+    def stage(self) -> StageSection:
+        """The one stage lab code and recipes train: the constructor's adapter, name and train config."""
+        return StageSection(name=self.name, objective="tts", adapter=self.adapter, train=self.train_config)
+
     def fit(self, train: str | Path | list[Utterance], val=None) -> TrainResult:
-        """Train the adapter on a folder of WAV files with transcripts (or Utterances).
+        """Train the adapter on a folder of WAV files with transcripts (or Utterances), as a recipe's
+        stage trains (the engine's ``train_candidate``; ``val`` is not used).
 
         Returns:
             The training loop's result.
         """
         examples = self._examples(_utterances(train, self.name))
         self.speaker_id = self._choose_speaker(examples)
-        adapted = adapt(
-            self._ensure_backbone().model,
-            "adapter",
-            examples,
-            self.speaker_id,
-            self.train_config,
-            self.adapter,
-            self.name,
-            seed=self.seed,
-        )
-        self.model = adapted.model
-        return adapted.result
+        hooks = ClipTraining(self._ensure_backbone().model, examples, self.speaker_id, self.seed, False)
+        trained = train_candidate(hooks, [self.stage()], self.name, Path("."), False, self.seed, False)
+        self.model = trained.model.eval()
+        return trained.results[0]
 
     def _require_fit(self) -> None:
         if self.model is None:
@@ -238,86 +235,12 @@ class SpeakerAdaptationPipeline:
 
     # recipe path ------------------------------------------------------------------------------------
     def run(self, run_dir: Path, resume: bool = False) -> RunResult:
-        """Adapt with the stage's adapter and the baselines in ``compare``; score all on the same clips."""
-        started = time.perf_counter()
-        data = self.options.data
-        backbone = self._ensure_backbone(run_dir / "base")
-        target = data.target_speaker or self.backbone_options.held_out_speaker
-        if target in backbone.speakers:
-            raise ValueError(
-                f"target_speaker '{target}' is one of the base speakers {backbone.speakers}; "
-                "pick the held-out speaker"
-            )
-        adapt_examples = self.session.speaker_examples(target, "train")
-        evaluators = self.session.evaluators() if data.evaluators else None
-        chosen = adaptation_clips([e.utterance for e in adapt_examples], data.adaptation_clips)
-        by_path = {e.utterance.path: e for e in adapt_examples}
-        train_examples = [by_path[u.path] for u in chosen]
-        test_examples = [
-            e
-            for e in self.session.speaker_examples(target, "test")
-            if e.utterance.index < data.eval_clips_per_digit
-        ]
-        speaker, cosines = 0, {0: float("nan")}
-        if evaluators is not None:
-            speaker, cosines = nearest_speaker(
-                evaluators, train_examples, self.session.base_speaker_examples()
-            )
-        self.speaker_id = speaker
-        methods = ["adapter", *self.compare]
-        stage = self.stage_options
-        adapted = {}
-        for method in methods:
-            label = self.name if method == "adapter" else method
-            adapted[label] = adapt(
-                backbone.model,
-                method,
-                train_examples,
-                speaker,
-                self.train_config,
-                self.adapter,
-                self.name,
-                stage.finetune_lr,
-                stage.lora_rank,
-                self.seed,
-                run_dir / "train" / label,
-            )
-            if method in ("adapter", "lora"):
-                save_adapter(adapted[label].model, run_dir / "adapters" / label, name=self.name)
-        self.model = adapted[self.name].model
-        sweep, used = {}, {e.utterance.path for e in train_examples}
-        for count in data.sweep_clips:
-            subset = [by_path[u.path] for u in adaptation_clips([e.utterance for e in adapt_examples], count)]
-            used |= {e.utterance.path for e in subset}
-            sweep[str(count)] = adapt(
-                backbone.model,
-                "adapter",
-                subset,
-                speaker,
-                self.train_config,
-                self.adapter,
-                self.name,
-                seed=self.seed,
-            )
-        takes = None
-        if data.second_take_reference:
-            clips = [u for u in self.session.utterances if u.speaker == target]
-            takes = second_takes([e.utterance for e in test_examples], clips, used)
-        return adaptation_run(
-            self,
-            run_dir,
-            backbone,
-            target,
-            speaker,
-            cosines,
-            adapted,
-            sweep,
-            train_examples,
-            test_examples,
-            evaluators,
-            started,
-            self.session.examples(takes) if takes else None,
-        )
+        """Adapt with the stage's adapter and the baselines in ``compare``; score all on the same clips
+        (the core engine with :class:`~pipelines.speech.experiment.SpeechExperiment` as its hooks)."""
+        from pipelines.speech.experiment import SpeechExperiment
+
+        recipe = adaptation_recipe(self.recipe, self.stage(), self.compare, self.seed, self.backbone_name)
+        return run_experiment(SpeechExperiment(self, recipe, resume), recipe, Path(run_dir), resume)
 
 
 class BaseMultispeakerPipeline:
@@ -354,18 +277,11 @@ class BaseMultispeakerPipeline:
         return pipe
 
     def run(self, run_dir: Path, resume: bool = False) -> RunResult:
-        """Train or load the base, then score it on the base speakers' test clips."""
-        started = time.perf_counter()
-        backbone = load_backbone(
-            "fsdd_multispeaker",
-            self.backbone_options.base_settings(),
-            self.session.base_training_examples,
-            run_dir / "base",
-        )
-        evaluators = self.session.evaluators()
-        return base_run(
-            self, run_dir, backbone, evaluators, load_vocoder(self.backbone_options.vocoder), started
-        )
+        """Train (``resume``: continue) or load the base, then score it on the base speakers' test clips."""
+        from pipelines.speech.base_experiment import BaseExperiment, base_recipe
+
+        recipe = self.recipe or base_recipe(self.seed)
+        return run_experiment(BaseExperiment(self, recipe, resume), recipe, Path(run_dir), resume)
 
 
 register_pipeline(

@@ -168,10 +168,11 @@ def test_recipe_path_runs_on_a_tiny_fastspeech2_with_fsdd(tmp_path, monkeypatch)
             "data.options.eval_clips_per_digit=1",
             "data.options.sweep_clips=[1]",
             "evaluation.bootstrap=20",
+            "compare=[lora, nearest_speaker, {method: lora, r: 2}]",
         ],
     )
     result = SpeakerAdaptationPipeline.from_recipe(recipe).run(tmp_path)
-    assert list(result.results) == ["speaker", "lora", "base"]
+    assert list(result.results) == ["speaker", "lora", "base", "lora_r2"]  # nearest_speaker: the base
     assert result.info["extra"]["checks"] == {
         "disabled_adapter_equals_base": True,
         "reloaded_adapter_equals_trained": True,
@@ -180,4 +181,10 @@ def test_recipe_path_runs_on_a_tiny_fastspeech2_with_fsdd(tmp_path, monkeypatch)
     assert result.parameters["base"]["trainable"] == 0 and list(
         result.info["extra"]["sweep_adaptation_clips"]
     ) == ["1"]
-    assert (tmp_path / "adapters" / "speaker" / "adapter_model.safetensors").is_file()
+    assert result.info["extra"]["models"]["lora_r2"]["steps"] == 3
+    assert result.parameters["lora_r2"]["trainable"] < result.parameters["lora"]["trainable"]
+    # the run's adapter files name the transformers model's own modules (as lab code's save_adapter)
+    for name in ("speaker", "lora"):
+        model = tiny_hf_tts("fastspeech2_conformer").model
+        load_adapter(model, tmp_path / "adapters" / name)
+        assert [path for path, _ in wrappers(model)] == EXPECTED["fastspeech2_conformer"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -13,8 +14,10 @@ import torch
 from pipelines.core.peft import load_adapter
 from pipelines.core.recipe import load_recipe
 from pipelines.core.registry import create_pipeline
+from pipelines.speech.adaptation import adaptation_clips
 from pipelines.speech.audio import write_wav
 from pipelines.speech.backbones import Backbone, tiny_random_model
+from pipelines.speech.data import fsdd_utterances
 
 MIRROR = Path(os.environ.get("PEFT_PIPELINES_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "speech"
@@ -110,3 +113,71 @@ def test_quick_run_compares_methods_on_fsdd(tmp_path, monkeypatch):
         tmp_path / "adapters" / "speaker" / "adapter_model.safetensors"
     ).is_file()
     assert sorted(p.name for p in (tmp_path / "samples").iterdir())[0] == "full_finetune_0_yweweler_0.wav"
+
+
+def _quick_pipe(max_steps: int):
+    return create_pipeline(
+        "speech/speaker_adaptation",
+        backbone=_tiny_backbone(),
+        train={"max_steps": max_steps, "batch_size": 4, "lr": 1e-2, "schedule": "constant",
+               "warmup_ratio": 0.0, "log_every": 1},
+        backbone_options={"vocoder": "griffin_lim"},
+        data_options={"adaptation_clips": 5, "eval_clips_per_digit": 1, "evaluators": False, "samples": 0,
+                      "plot_clips": 1, "vocode_reference": False, "second_take_reference": False},
+        compare=[],
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not (MIRROR / "fsdd" / "recordings").is_dir(), reason=f"FSDD is not in the data mirror {MIRROR}"
+)
+def test_resume_continues_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A 3-step run's checkpoint, resumed to 6 steps, logs the 6 losses of a 6-step run (metrics.jsonl
+    continued, not rewritten); lab code's fit on the same clips gives the run's adapter bit for bit."""
+    monkeypatch.setenv("PEFT_PIPELINES_DATA", str(MIRROR))
+    _quick_pipe(3).run(tmp_path / "interrupted")
+    resumed = _quick_pipe(6).run(tmp_path / "interrupted", resume=True)
+    straight = _quick_pipe(6).run(tmp_path / "straight")
+    losses = {name: [row["loss"] for row in run.histories["speaker"]] for name, run in
+              (("resumed", resumed), ("straight", straight))}  # fmt: skip
+    assert len(losses["straight"]) == 6 and losses["resumed"] == pytest.approx(losses["straight"], abs=1e-6)
+    log = tmp_path / "interrupted" / "train" / "speaker" / "speaker" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert resumed.results["speaker"]["mcd"].value == pytest.approx(straight.results["speaker"]["mcd"].value)
+    lab = _quick_pipe(6)
+    lab.speaker = 0  # the run's speaker without evaluators
+    clips = [u for u in fsdd_utterances() if u.speaker == "yweweler" and u.index >= 5]
+    lab.fit(adaptation_clips(clips, 5))
+    recipe_model = _tiny_backbone().model
+    load_adapter(recipe_model, tmp_path / "straight" / "adapters" / "speaker")
+    assert lab.model.state_dict().keys() == recipe_model.state_dict().keys()
+    assert all(torch.equal(v, recipe_model.state_dict()[k]) for k, v in lab.model.state_dict().items())
+
+
+@pytest.mark.skipif(
+    not (MIRROR / "fsdd" / "recordings").is_dir(), reason=f"FSDD is not in the data mirror {MIRROR}"
+)
+def test_base_recipe_records_the_base_training_without_repeating_it(tmp_path, monkeypatch):
+    from pipelines.core.training import TrainResult
+    from pipelines.speech import base_experiment
+    from pipelines.speech.evaluators import Evaluators, UtteranceClassifier
+    from pipelines.speech.pipeline import BaseMultispeakerPipeline
+
+    monkeypatch.setenv("PEFT_PIPELINES_DATA", str(MIRROR))
+    history = [{"step": 7, "epoch": 1.0, "loss": 0.5}]
+    done = TrainResult(7, 1.0, history, None, None, "loss", False, False, 1.5, 0, 10.0, "fp32", None)
+    backbone = _tiny_backbone()
+    backbone.train_result, backbone.info["training"] = done, {"train_clips": 2250, "wall_time_s": 1.5}
+    monkeypatch.setattr(base_experiment, "load_backbone", lambda *args: backbone)
+    pipe = BaseMultispeakerPipeline({"vocoder": "griffin_lim"})
+    torch.manual_seed(0)
+    pipe.session._evaluators = Evaluators(UtteranceClassifier(62, 5), UtteranceClassifier(62, 10), {})
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    result = pipe.run(tmp_path)
+    assert list(result.results) == ["base"] and result.results["base"].n_examples == 50
+    assert result.histories["base"] == history and result.info["extra"]["models"]["base"]["steps"] == 7
+    assert all(torch.equal(v, backbone.model.state_dict()[k]) for k, v in before.items())  # not retrained
+    count = sum(p.numel() for p in backbone.model.parameters())
+    assert result.parameters["base"] == {"trainable": count, "total": count, "fraction": 1.0}
+    assert result.info["dataset"]["splits"] == {"train": 2250, "test_scored": 50}
+    assert (tmp_path / "mels.png").is_file() and len(list((tmp_path / "samples").iterdir())) == 2
