@@ -1,4 +1,4 @@
-"""The training loop's settings (a recipe's `train:` section), its result and its errors."""
+"""The training loop's settings (a recipe's `train:` section), its callbacks, its result and its errors."""
 
 from __future__ import annotations
 
@@ -68,6 +68,26 @@ class TrainConfig(BaseModel):
                 "frozen_dtype bfloat16 needs bf16 compute; set precision: bf16 (or auto on CUDA)."
             )
         return self
+
+
+class TrainCallback:
+    """Hooks into `train`'s loop. Each method here does nothing; a callback overrides (or just defines) some.
+
+    `step` counts optimiser steps from 0: the step being taken. The model is the plain module (under DDP too).
+    """
+
+    def on_train_begin(self, model: Any, total_steps: int) -> None:
+        """Before the first step (after a resume too), with the run's total optimiser steps."""
+
+    def extra_loss(self, model: Any) -> Any:
+        """A scalar tensor added to each micro-batch's loss before backward (outside autocast), or None."""
+        return None
+
+    def on_after_backward(self, model: Any, step: int) -> None:
+        """After the step's last backward, before clipping: the gradients are complete."""
+
+    def on_step_end(self, model: Any, step: int) -> None:
+        """After the optimiser and scheduler step, before the gradients are zeroed."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from pipelines.core.run_log import RunLog
 from pipelines.core.train_config import (
     CheckpointError,
     NonFiniteLossError,
+    TrainCallback,
     TrainConfig,
     TrainingInterrupted,
     TrainResult,
@@ -35,8 +36,8 @@ from pipelines.core.train_config import (
 from pipelines.core.training_eval import autocast, evaluate_and_track
 
 __all__ = [
-    "CheckpointError", "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainingInterrupted",
-    "build_optimizer", "build_scheduler", "lr_factor", "train",
+    "CheckpointError", "NonFiniteLossError", "TrainCallback", "TrainConfig", "TrainResult",
+    "TrainingInterrupted", "build_optimizer", "build_scheduler", "lr_factor", "train",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class _Run:
     seed: int
     device: torch.device
     checkpoint_dir: Path | None
+    callbacks: list[Any] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None  # set by _prepare, like the fields below
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
     amp_dtype: torch.dtype | None = None  # bf16 autocast, or None: float32 (core.precision's policy)
@@ -114,6 +116,7 @@ def train(
     collate_fn: Callable | None = None,
     seed: int = 0,
     progress: bool = True,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> TrainResult:
     """Trains the model's trainable parameters in place and returns what happened.
 
@@ -131,6 +134,9 @@ def train(
         collate_fn: passed to the DataLoaders the loop builds.
         seed: seeds torch, numpy, python random and the data order.
         progress: show a tqdm bar (rank 0 only).
+        callbacks: TrainCallback hooks, called in order; the callbacks the model's adapters need (AdaLoRA's
+            rank schedule, core.peft.training_callbacks) run first without being passed. The logged loss
+            includes their extra_loss terms.
 
     Raises:
         TrainingInterrupted: on Ctrl-C, after writing a checkpoint.
@@ -154,10 +160,14 @@ def train(
     run = _Run(config, model, wrapped, loss_fn, train_data, val_data, evaluate_fn, collate_fn, seed, device,
                run_dir / "checkpoints" / "last" if run_dir is not None else None)  # fmt: skip
     run.precision_policy = policy
+    from pipelines.core.peft import training_callbacks  # core.peft does not import this module
+
+    run.callbacks = [*training_callbacks(model), *callbacks]
     run.amp_dtype = torch.bfloat16 if policy["compute_dtype"] == "bfloat16" else None
     _prepare(run)
     if resume:
         _resume(run)
+    _call(run, "on_train_begin", run.total_steps)
     log = RunLog(run_dir, run.progress, config.tensorboard, progress, run.total_steps)
     was_training = model.training
     model.train()
@@ -280,8 +290,11 @@ def _optimizer_step(run: _Run, window: list[Any]) -> tuple[float, float | None]:
                 shape = tuple(getattr(loss, "shape", ()))
                 raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} {shape}; "
                                 "reduce it with .mean().")  # fmt: skip
+            extras = [c.extra_loss(run.model) for c in run.callbacks if hasattr(c, "extra_loss")]
+            loss = sum((extra for extra in extras if extra is not None), loss)
             (loss / len(window)).backward()
         total += loss.detach().float()
+    _call(run, "on_after_backward", run.progress.step)
     value = (D.all_reduce_sum(total / len(window)) / D.world_size()).item()
     if not math.isfinite(value):
         raise _non_finite(run, "loss", value)
@@ -294,8 +307,17 @@ def _optimizer_step(run: _Run, window: list[Any]) -> tuple[float, float | None]:
             raise _non_finite(run, "gradient norm", grad_norm)
     run.optimizer.step()
     run.scheduler.step()
+    _call(run, "on_step_end", run.progress.step)
     run.optimizer.zero_grad(set_to_none=True)
     return value, grad_norm
+
+
+def _call(run: _Run, hook: str, *args: Any) -> None:
+    """Calls `hook(model, *args)` on every callback that defines it."""
+    for callback in run.callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(run.model, *args)
 
 
 def _save(run: _Run) -> None:

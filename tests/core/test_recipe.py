@@ -111,7 +111,7 @@ def test_every_structural_error_is_reported_at_once(tmp_path):
     assert (
         errors[5].message
         == "unknown method 'lorra' (choose one of: lora, bottleneck, ia3, ssf, bitfit, norm, prompt, "
-        "loha, lokr, vera, ptuning, prefix, sct)"
+        "loha, lokr, vera, ptuning, prefix, sct, adalora)"
     )
     with pytest.raises(RecipeValidationError, match=r"is invalid \(6 errors\): line 6: data.fractoin"):
         load_recipe(path)

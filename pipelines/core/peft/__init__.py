@@ -5,6 +5,7 @@ Every domain pipeline adapts its backbone through this module only.
 
 from __future__ import annotations
 
+from .adalora_schedule import AdaLoRASchedule, training_callbacks
 from .arithmetic import add_weighted_adapter
 from .compose import Fuse, Parallel, active_composition, compose
 from .files import convert_adapter, load_adapter, save_adapter
@@ -33,6 +34,7 @@ from .specs import (
     IA3,
     SCT,
     SSF,
+    AdaLoRA,
     AdapterSpec,
     BitFit,
     Bottleneck,
@@ -61,4 +63,6 @@ __all__ = [
     "load_fusion", "remove_fusion", "save_fusion",
     # P-tuning, prefix tuning and salient channel tuning (ptuning.py, prefix.py, sct.py, salience.py)
     "PTuning", "PrefixTuning", "SCT", "select_salient_channels",
+    # AdaLoRA and the training callbacks adapters need (adalora.py, adalora_schedule.py)
+    "AdaLoRA", "AdaLoRASchedule", "training_callbacks",
 ]  # fmt: skip

@@ -6,7 +6,10 @@ the head modules, so loading needs no target matching; VeRA's shared projections
 HF peft (LoRA, LoHa, LoKr, VeRA): keys `base_model.model.<module path>.lora_A.weight` (`.hada_w1_a`, ...) and
 that method's config JSON (see peft_format.py); P-tuning and prefix tuning: `prompt_embeddings`, the encoder's
 output, which needs the model to write or read. SCT files record the chosen channels (`channel_index`, and
-`selected` in the spec). Files are written atomically.
+`selected` in the spec). A PiSSA or OLoRA LoRA's native file holds its initial factors too, its HF peft file
+the equivalent rank-2r plain LoRA (lora_init.py); AdaLoRA's native file holds every rank and `rank_mask`, its
+HF peft file the kept ranks and `rank_pattern` (peft_format.py); peft_read.py reads HF peft files. Files are
+written atomically.
 """
 
 from __future__ import annotations
@@ -23,26 +26,23 @@ from torch import nn
 from pipelines.core.files import atomic_write
 
 from .inject import _select, adapter_names, adapter_specs, add_adapter, remove_adapter, wrappers
+from .lora_init import INITIAL, as_plain_lora, given_factors, is_residual_init, plain_lora_config
 from .methods import PROMPT_METHODS, load_shared, shared_keys, shared_tensors
 from .peft_format import (
-    LAYER_TENSORS,
+    CONFIG,
+    PEFT_PREFIX,
     PEFT_TYPES,
-    PROMPT_TENSOR,
-    PROMPT_TYPES,
     SHARED_KEYS,
+    WEIGHTS,
+    adalora_files,
     peft_blocker,
     peft_config,
     prompt_files,
-    prompt_spec_from_peft,
-    spec_from_peft,
 )
-from .specs import SCT, LoRA, spec_from_dict, spec_to_dict
+from .peft_read import NEEDS_MODEL, from_peft
+from .specs import SCT, AdaLoRA, LoRA, spec_from_dict, spec_to_dict
 
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
 PICKLES = ("adapter_model.bin", "pytorch_model.bin", ".pt", ".pth", ".ckpt", ".pkl")
-PEFT_PREFIX = "base_model.model."
-LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
 
 
 def _layer_adapters(model: nn.Module, name: str) -> list[nn.Module]:
@@ -62,9 +62,16 @@ def _adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tenso
                     f"{spec.calibration_batches} training batches or select_salient_channels first."
                 )
             paths.append(path)
+            training_only = getattr(adapter, "training_state", ())  # AdaLoRA's importance statistics
             for key, value in adapter.state_dict().items():
-                tensors[f"{path}.{key}"] = value.detach().contiguous()
+                if key not in training_only:
+                    tensors[f"{path}.{key}"] = value.detach().contiguous()
     return tensors, paths
+
+
+def _total_step(model: nn.Module, name: str) -> int | None:
+    """The schedule length an AdaLoRA adapter last trained with (HF peft's config records it)."""
+    return next((getattr(a, "total_step", None) for a in _layer_adapters(model, name)), None)
 
 
 def save_adapter(
@@ -97,7 +104,8 @@ def save_adapter(
         if spec.method in PROMPT_METHODS:
             tensors, config = prompt_files(spec, _layer_adapters(model, name)[0], base_name)
         else:
-            tensors, config = _peft_files(spec, tensors, paths, base_name)
+            where = f"AdaLoRA adapter {name!r}"
+            tensors, config = _peft_files(spec, tensors, paths, base_name, _total_step(model, name), where)
     elif format == "native":
         heads = []
         for item in _select(model, list(extra), "save_adapter extra") if extra else []:
@@ -110,6 +118,8 @@ def save_adapter(
         config = {"format": "peft-pipelines", "name": name, "spec": spec_to_dict(spec), "modules": paths,
                   "extra_modules": heads, "peft_blocker": _peft_blocker(model, spec, name, paths),
                   "base_model_name_or_path": base_name}  # fmt: skip
+        if isinstance(spec, AdaLoRA):
+            config["total_step"] = _total_step(model, name)
     else:
         raise ValueError(f"Unknown adapter format {format!r}; use 'native' or 'peft'.")
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -123,13 +133,13 @@ def _peft_blocker(model: nn.Module, spec, name: str, paths: list[str]) -> str | 
         if len(paths) != 1:
             return f"HF peft holds one prompt per model; adapter {name!r} has {len(paths)}."
         return None
-    if spec.method in PEFT_TYPES:
+    if spec.method in PEFT_TYPES or isinstance(spec, AdaLoRA):
         layers = [(path, w.base_layer) for path, w in wrappers(model) if path in paths]
         return next((r for r in (peft_blocker(spec, path, base) for path, base in layers) if r), None)
     if not isinstance(spec, LoRA):
         return (
             f"Adapter {name!r} is {spec.method}; the HF peft format is written for LoRA, LoHa, LoKr, VeRA, "
-            "P-tuning and prefix tuning only."
+            "AdaLoRA, P-tuning and prefix tuning only."
         )
     for path, wrapper in wrappers(model):
         if path in paths:
@@ -144,10 +154,14 @@ def _peft_blocker(model: nn.Module, spec, name: str, paths: list[str]) -> str | 
     return None
 
 
-def _peft_files(spec, tensors, paths, base_name) -> tuple[dict[str, torch.Tensor], dict]:
+def _peft_files(spec, tensors, paths, base_name, total_step, where) -> tuple[dict[str, torch.Tensor], dict]:
     if spec.method in PEFT_TYPES:
         renamed = {SHARED_KEYS.get(key, PEFT_PREFIX + key): value for key, value in tensors.items()}
         return renamed, peft_config(spec, paths, base_name)
+    if isinstance(spec, AdaLoRA):
+        return adalora_files(spec, tensors, paths, total_step, base_name, where)
+    if is_residual_init(spec.init):  # the trained change as a plain LoRA of the original base
+        tensors = as_plain_lora(tensors, paths)
     renamed = {}
     for key, value in tensors.items():
         key = key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")
@@ -159,13 +173,9 @@ def _peft_files(spec, tensors, paths, base_name) -> tuple[dict[str, torch.Tensor
         "init_lora_weights": True if spec.init == "default" else spec.init, "modules_to_save": None,
         "inference_mode": True, "base_model_name_or_path": base_name,
     }  # fmt: skip
+    if is_residual_init(spec.init):
+        config.update(plain_lora_config(spec))
     return renamed, config
-
-
-_NEEDS_MODEL = (
-    "a P-tuning or prefix adapter's HF peft file is its encoder's output, computed in its model; "
-    "load_adapter(model, ...) and save_adapter(model, ..., format=...) instead."
-)
 
 
 def convert_adapter(source: str | Path, target: str | Path, format: str) -> Path:
@@ -179,13 +189,25 @@ def convert_adapter(source: str | Path, target: str | Path, format: str) -> Path
             raise ValueError(f"{source} cannot be converted to the HF peft format: {reason}")
         spec = spec_from_dict(config["spec"])
         if spec.method in PROMPT_METHODS:
-            raise ValueError(f"{source}: {_NEEDS_MODEL}")
-        tensors, config = _peft_files(spec, tensors, config["modules"], config.get("base_model_name_or_path"))
+            raise ValueError(f"{source}: {NEEDS_MODEL}")
+        tensors, config = _peft_files(spec, tensors, config["modules"], config.get("base_model_name_or_path"),
+                                      config.get("total_step"), str(source))  # fmt: skip
     elif format == "native" and not native:
-        spec, paths, tensors = _from_peft(config, tensors, source)
+        total_step = config.get("total_step")
+        spec, paths, tensors = from_peft(config, tensors, source)
+        if isinstance(spec, LoRA) and is_residual_init(spec.init):
+            raise ValueError(
+                f"{source} is an HF peft {spec.init} adapter of a decomposed base, which only its base model "
+                "can rebuild; load_adapter(model, ...) and save_adapter(model, ...) instead."
+            )
+        if isinstance(spec, AdaLoRA):  # every rank in the file is kept
+            tensors.update({f"{p}.rank_mask": torch.ones(len(tensors[f"{p}.lora_E"]), dtype=torch.bool)
+                            for p in paths})  # fmt: skip
         config = {"format": "peft-pipelines", "name": "default", "spec": spec_to_dict(spec), "modules": paths,
                   "extra_modules": [], "peft_blocker": None,
                   "base_model_name_or_path": config.get("base_model_name_or_path")}  # fmt: skip
+        if isinstance(spec, AdaLoRA):
+            config["total_step"] = total_step
     elif format not in ("native", "peft"):
         raise ValueError(f"Unknown adapter format {format!r}; use 'native' or 'peft'.")
     target.mkdir(parents=True, exist_ok=True)
@@ -228,75 +250,6 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         ) from None
 
 
-def _from_peft(
-    config: dict, tensors: dict[str, torch.Tensor], directory: Path, model: nn.Module | None = None
-):
-    if config.get("peft_type") in PROMPT_TYPES.values():
-        if model is None:
-            raise ValueError(f"{directory}: {_NEEDS_MODEL}")
-        return _from_peft_prompt(config, tensors, directory, model)
-    if config.get("peft_type") in PEFT_TYPES.values():
-        return _from_peft_loha_lokr_vera(config, tensors, directory)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(
-            f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is not supported; only LORA, LOHA, "
-            "LOKR, VERA, P_TUNING and PREFIX_TUNING."
-        )
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise ValueError(f"{directory / CONFIG}: per-module {key} is not supported.")
-    init = config.get("init_lora_weights", True)
-    spec = LoRA(
-        r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-        use_dora=bool(config.get("use_dora")), use_rslora=bool(config.get("use_rslora")),
-        init="gaussian" if init == "gaussian" else "default",
-    )  # fmt: skip
-    renamed, paths = {}, []
-    for key, value in tensors.items():
-        key = key.removeprefix(PEFT_PREFIX).replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
-        for part in LORA_PARTS:
-            if part in key:
-                path = key.split(part)[0]
-                if path not in paths:
-                    paths.append(path)
-        renamed[key] = value
-    if not paths:
-        raise ValueError(f"{directory / WEIGHTS} holds no LoRA tensors (lora_A, lora_B, lora_embedding_A/B).")
-    return spec, paths, renamed
-
-
-def _from_peft_loha_lokr_vera(config: dict, tensors: dict[str, torch.Tensor], directory: Path):
-    spec = spec_from_peft(config, str(directory / CONFIG))
-    layer_tensors = LAYER_TENSORS[spec.method]
-    peft_keys = {peft: native for native, peft in SHARED_KEYS.items()} if spec.method == "vera" else {}
-    renamed, paths = {}, []
-    for key, value in tensors.items():
-        key = peft_keys.get(key) or key.removeprefix(PEFT_PREFIX)
-        path, _, last = key.rpartition(".")
-        if last in layer_tensors and path not in paths:
-            paths.append(path)
-        renamed[key] = value
-    if not paths:
-        raise ValueError(
-            f"{directory / WEIGHTS} holds no {spec.method} tensors ({', '.join(layer_tensors)})."
-        )
-    return spec, paths, renamed
-
-
-def _from_peft_prompt(config: dict, tensors: dict[str, torch.Tensor], directory: Path, model: nn.Module):
-    spec = prompt_spec_from_peft(config, str(directory / CONFIG))
-    if set(tensors) != {PROMPT_TENSOR}:
-        raise ValueError(
-            f"{directory / WEIGHTS} should hold only {PROMPT_TENSOR!r}; it has {sorted(tensors)}."
-        )
-    hosts = [item.name for item in _select(model, list(spec.targets), f"The {spec.method} adapter")]
-    if len(hosts) != 1:
-        raise ValueError(
-            f"{directory}: {type(model).__name__} has {len(hosts)} token embeddings ({hosts}); expected one."
-        )
-    return spec, hosts, {f"{hosts[0]}.embedding.weight": tensors[PROMPT_TENSOR]}
-
-
 def _check_tensors(
     model: nn.Module, name: str, tensors: dict[str, torch.Tensor], heads: list[str], directory: Path
 ) -> tuple[dict, dict]:
@@ -326,7 +279,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     """Adds the adapter saved in `directory` (native or HF peft format) to the model; returns its name."""
     directory = Path(directory)
     config, tensors = _read(directory)
-    if config.get("format") == "peft-pipelines":
+    native = config.get("format") == "peft-pipelines"
+    if native:
         spec, paths, heads = (
             spec_from_dict(config["spec"]),
             config["modules"],
@@ -334,12 +288,23 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         )
         name = name or config["name"]
     else:
-        spec, paths, tensors = _from_peft(config, tensors, directory, model)
+        spec, paths, tensors = from_peft(config, tensors, directory, model)
         heads, name = [], name or "default"
     shared = {key: tensors.pop(key) for key in shared_keys(spec) if key in tensors}
     exact = [f"re:{re.escape(p)}" for p in paths]
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-    add_adapter(model, type(spec)(**{**spec_to_dict(spec), "targets": exact}), name=name)
+    residual = isinstance(spec, LoRA) and is_residual_init(spec.init)
+    # PiSSA and OLoRA change the base weights as they are added; a refused file puts them back.
+    originals = (
+        {p: p.detach().to("cpu", copy=True) for p in _target_weights(model, exact)} if residual else {}
+    )
+    factors = {path: tuple(tensors[f"{path}.{key}"] for key in INITIAL) for path in paths
+               if all(f"{path}.{key}" in tensors for key in INITIAL)}  # fmt: skip
+    with given_factors(factors if native else {}):
+        add_adapter(model, type(spec)(**{**spec_to_dict(spec), "targets": exact}), name=name)
+    if not native:  # what HF peft files do not carry: rank masks (all kept) and the factors just computed
+        built = _adapter_tensors(model, name)[0]
+        tensors.update({k: v for k, v in built.items() if k.endswith(_DERIVED) and k not in tensors})
     try:
         expected, head_state = _check_tensors(model, name, tensors, heads, directory)
         load_shared(spec, _layer_adapters(model, name), shared, str(directory / WEIGHTS))
@@ -347,14 +312,28 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         remove_adapter(model, name)
         for parameter in model.parameters():
             parameter.requires_grad_(requires_grad[id(parameter)])
+        with torch.no_grad():
+            for parameter, original in originals.items():
+                parameter.copy_(original)
         raise
     for path, wrapper in wrappers(model):
         if name in wrapper.adapters:
             adapter = wrapper.adapters[name]
+            training_only = getattr(adapter, "training_state", ())
             adapter.load_state_dict(
-                {key: tensors[f"{path}.{key}"] for key in adapter.state_dict()}, strict=True
+                {key: tensors[f"{path}.{key}"] for key in adapter.state_dict() if key not in training_only},
+                strict=not training_only,
             )
     for key, (module, sub) in head_state.items():
         with torch.no_grad():
             module.state_dict()[sub].copy_(tensors[key])
     return name
+
+
+_DERIVED = (".rank_mask", *(f".{key}" for key in INITIAL))
+
+
+def _target_weights(model: nn.Module, exact: list[str]) -> list[torch.Tensor]:
+    return [
+        item.module.weight for item in _select(model, exact, "load_adapter") if hasattr(item.module, "weight")
+    ]

@@ -6,6 +6,8 @@ the base GEMM's output and saves only the input and the rank-r projection for ba
 of A and B (with the scale folded in) are cached until the optimiser changes the float32 weights. Under
 autocast the fused path computes in the autocast dtype, as F.linear would: the input, and a float32
 frozen weight, are cast to it first; projections that read one input in turn (q, k, v) share its cast.
+PiSSA and OLoRA layers (lora_init.py) compute the same way on their residual base weight; while merged
+they keep the unmerged weight, as DoRA does, so unmerging gives it back bit for bit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .lora_init import is_residual_init
+from .lora_init import start as start_residual_init
 from .specs import LoRA
 
 # Fused optimisers (AdamW(fused=True)) update parameters without bumping their version counters, so the
@@ -120,6 +124,11 @@ class LoRAAdapter(nn.Module):
             raise ValueError(
                 f"DoRA is supported on Linear layers only, not on {name} ({type(base).__name__})."
             )
+        if is_residual_init(spec.init) and not isinstance(base, nn.Linear):
+            raise ValueError(
+                f"LoRA init {spec.init!r} is supported on Linear layers only, not on {name} "
+                f"({type(base).__name__}); use init 'default' there."
+            )
         groups = getattr(base, "groups", 1)
         if isinstance(base, nn.Linear):
             self.lora_A = nn.Linear(base.in_features, spec.r, bias=False)
@@ -144,7 +153,10 @@ class LoRAAdapter(nn.Module):
                 base.dilation, groups=groups, bias=False, padding_mode=base.padding_mode,
             )  # fmt: skip
             self.lora_B = conv(spec.r * groups, base.out_channels, 1, groups=groups, bias=False)
-        self.reset_parameters()
+        if is_residual_init(spec.init):  # factors from the base weight, taken out of it later (lora_init.py)
+            start_residual_init(self, base, spec, name)
+        else:
+            self.reset_parameters()
         if spec.use_dora:
             with torch.no_grad():
                 norm = self._combined_weight(base).norm(dim=1)
@@ -180,20 +192,25 @@ class LoRAAdapter(nn.Module):
         return base.weight.float() + self.delta_weight(base)
 
     def merge_into(self, base: nn.Module) -> None:
+        # DoRA's merge is not a plain addition, and a PiSSA/OLoRA delta is the size of the principal
+        # part of W, so subtracting it again would not give the small residual back bit for bit: both
+        # keep the unmerged weight while merged.
         with torch.no_grad():
             if hasattr(self, "lora_magnitude_vector"):
                 combined = self._combined_weight(base)
                 scale = self.lora_magnitude_vector / combined.norm(dim=1)
-                self._dora_original = base.weight.detach().clone()
+                self._unmerged_weight = base.weight.detach().clone()
                 base.weight.copy_(combined * scale[:, None])
             else:
+                if is_residual_init(self.spec.init):
+                    self._unmerged_weight = base.weight.detach().clone()
                 base.weight.add_(self.delta_weight(base).to(base.weight.dtype))
 
     def unmerge_from(self, base: nn.Module) -> None:
         with torch.no_grad():
-            if hasattr(self, "lora_magnitude_vector"):
-                base.weight.copy_(self._dora_original)
-                del self._dora_original
+            if hasattr(self, "_unmerged_weight"):
+                base.weight.copy_(self._unmerged_weight)
+                del self._unmerged_weight
             else:
                 base.weight.sub_(self.delta_weight(base).to(base.weight.dtype))
 

@@ -1,6 +1,7 @@
-"""The table through which inject.py builds LoHa, LoKr, VeRA, P-tuning, prefix, SCT layers; what they share.
+"""How inject.py builds LoHa, LoKr, VeRA, P-tuning, prefix, SCT and AdaLoRA layers, and what they share.
 
-VeRA's layers share projections; P-tuning and prefix adapters attach to the model that owns their embedding.
+VeRA's layers share projections; P-tuning and prefix adapters attach to the model that owns their embedding;
+PiSSA and OLoRA LoRA layers take their factors out of their base weights once all are built.
 """
 
 from __future__ import annotations
@@ -10,18 +11,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adalora import AdaLoRAAdapter
 from .loha import LoHaAdapter
 from .lokr import LoKrAdapter
+from .lora_init import initialise, is_residual_init
 from .prefix import PrefixAdapter
 from .ptuning import PTuningAdapter
 from .sct import SCTAdapter
-from .specs import AdapterSpec
+from .specs import AdapterSpec, LoRA
 from .vera import PROJECTIONS, VeRAAdapter, load_projections, projection_tensors, share_projections
 
 # method -> the adapter class, built as cls(layer, spec, layer name)
 BUILDERS: dict[str, type[nn.Module]] = {
     "loha": LoHaAdapter, "lokr": LoKrAdapter, "vera": VeRAAdapter, "ptuning": PTuningAdapter,
-    "prefix": PrefixAdapter, "sct": SCTAdapter,
+    "prefix": PrefixAdapter, "sct": SCTAdapter, "adalora": AdaLoRAAdapter,
 }  # fmt: skip
 PROMPT_METHODS = ("ptuning", "prefix")  # they change the owning model's call (model_call.py)
 
@@ -29,9 +32,12 @@ PROMPT_METHODS = ("ptuning", "prefix")  # they change the owning model's call (m
 def finish_build(spec: AdapterSpec, built: list[tuple[Any, nn.Module]], model: nn.Module) -> None:
     """Runs once all of one adapter's layers are built ((LogicalModule, adapter) pairs), before any is added.
 
-    VeRA's layers get their shared projections; P-tuning and prefix adapters find and hook their owning model.
+    VeRA's layers get their shared projections; P-tuning and prefix adapters find and hook their owning model;
+    PiSSA and OLoRA layers take their initial product out of their base weights (last: nothing after fails).
     """
     adapters = [adapter for _, adapter in built]
+    if isinstance(spec, LoRA) and is_residual_init(spec.init):
+        initialise(spec, built)
     if spec.method == "vera":
         share_projections(spec, adapters)
     if spec.method in PROMPT_METHODS:

@@ -1,10 +1,11 @@
-"""HF peft's adapter_config.json and tensor keys for LoHa, LoKr, VeRA, P-tuning and prefix tuning (files.py).
+"""HF peft's adapter_config.json and tensor keys for LoHa, LoKr, VeRA, AdaLoRA, P-tuning, prefix (files.py).
 
 Per-layer tensors keep their names under `base_model.model.<module path>.`; VeRA's shared projections
 are `base_model.vera_A` and `base_model.vera_B` (written when `save_projection` is set). A P-tuning or prefix
 file holds one tensor, `prompt_embeddings`: the encoder's output (what HF peft's get_peft_model_state_dict
 writes and, in inference mode, uses as the prompt), so it loads here as PTuning(encoder="none") or
-PrefixTuning(prefix_projection=False), which compute the same.
+PrefixTuning(prefix_projection=False), which compute the same. AdaLoRA files keep `lora_A`, `lora_E`, `lora_B`
+of the kept ranks only, and `rank_pattern` (`<path>.lora_E` -> kept of init_r) in the config, as peft does.
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
+from .adalora import kept_of_init
 from .loha import PARAMETERS as LOHA_PARAMETERS
 from .lokr import PARAMETERS as LOKR_PARAMETERS
 from .prefix import key_value_shape
-from .specs import AdapterSpec, LoHa, LoKr, PrefixTuning, PTuning, VeRA
+from .specs import AdaLoRA, AdapterSpec, LoHa, LoKr, PrefixTuning, PTuning, VeRA
 from .vera import PARAMETERS as VERA_PARAMETERS
 from .vera import PROJECTIONS
 
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
 PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA"}
 LAYER_TENSORS = {"loha": LOHA_PARAMETERS, "lokr": LOKR_PARAMETERS, "vera": VERA_PARAMETERS}
 SHARED_KEYS = {key: f"base_model.{key}" for key in PROJECTIONS}  # native key -> peft key
@@ -117,3 +123,61 @@ def prompt_spec_from_peft(config: dict[str, Any], where: str) -> AdapterSpec:
     if config["peft_type"] == "P_TUNING":
         return PTuning(num_tokens=tokens, encoder="none")
     return PrefixTuning(num_tokens=tokens, prefix_projection=False)
+
+
+def adalora_files(
+    spec: AdaLoRA,
+    tensors: dict[str, torch.Tensor],
+    paths: list[str],
+    total_step: int | None,
+    base_name: str | None,
+    where: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """HF peft's ADALORA tensors (the kept ranks only) and config from native tensors (rank_mask included)."""
+    total_step = spec.total_step or total_step
+    if total_step is None:
+        raise ValueError(
+            f"{where} has no total_step for HF peft's AdaLoRA config, which needs one; set total_step in the "
+            "adapter spec or train the adapter first."
+        )
+    renamed, pattern = {}, {}
+    for path in paths:
+        keep = tensors[f"{path}.rank_mask"]
+        pattern[f"{path}.lora_E"] = kept_of_init(spec.rank_pattern.get(path, [True] * spec.init_r), keep)
+        for key in ("lora_A", "lora_E", "lora_B"):
+            tensor = tensors[f"{path}.{key}"]
+            renamed[f"{PEFT_PREFIX}{path}.{key}"] = (
+                tensor[:, keep] if key == "lora_B" else tensor[keep]
+            ).contiguous()
+    pruned = any(not all(kept) for kept in pattern.values())
+    config = {"peft_type": "ADALORA", **_COMMON, "target_modules": paths,
+              "base_model_name_or_path": base_name, "init_lora_weights": True, "r": 8,
+              "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "fan_in_fan_out": False,
+              "bias": "none", "use_rslora": False, "use_dora": False,
+              "init_r": spec.init_r, "target_r": spec.target_r, "tinit": spec.tinit, "tfinal": spec.tfinal,
+              "deltaT": spec.delta_t, "beta1": spec.beta1, "beta2": spec.beta2,
+              "orth_reg_weight": spec.orth_reg_weight, "total_step": total_step,
+              "rank_pattern": pattern if pruned or spec.rank_pattern else None}  # fmt: skip
+    del config["init_weights"]
+    return renamed, config
+
+
+def adalora_spec_from_peft(config: dict[str, Any], where: str) -> AdaLoRA:
+    """The spec of an ADALORA adapter_config.json; its rank_pattern keys become layer paths."""
+    if config.get("fan_in_fan_out") or config.get("bias", "none") != "none" or config.get("use_rslora"):
+        raise ValueError(
+            f"{where}: AdaLoRA with fan_in_fan_out, a trained bias or use_rslora is not supported."
+        )
+    if config.get("alpha_pattern"):
+        raise ValueError(f"{where}: per-module alpha_pattern is not supported.")
+    pattern = {
+        key.split(".lora_E")[0]: list(kept) for key, kept in (config.get("rank_pattern") or {}).items()
+    }
+    return AdaLoRA(
+        init_r=config.get("init_r", 12), target_r=config.get("target_r", 8),
+        alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
+        tinit=config.get("tinit", 0), tfinal=config.get("tfinal", 0), delta_t=config.get("deltaT", 1),
+        beta1=config.get("beta1", 0.85), beta2=config.get("beta2", 0.85),
+        orth_reg_weight=config.get("orth_reg_weight", 0.5), total_step=config.get("total_step"),
+        rank_pattern=pattern,
+    )  # fmt: skip

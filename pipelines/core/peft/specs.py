@@ -6,6 +6,7 @@ and `extra="forbid"`, so a misspelt option in a recipe is an error rather than a
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +30,10 @@ class LoRA:
     """Low-rank update W + (alpha / r) * B A on Linear, Embedding, Conv1d/2d/3d and ConvTranspose1d layers.
 
     `use_rslora` scales by alpha / sqrt(r); `use_dora` (Linear only) learns a per-output magnitude;
-    `init="gaussian"` draws A from N(0, 1/r) instead of Kaiming-uniform. B starts at zero either way.
+    `init="gaussian"` draws A from N(0, 1/r) instead of Kaiming-uniform; B starts at zero either way.
+    `"pissa"` (Meng et al. 2024; `"pissa_niter_K"`: K-iteration randomised SVD) and `"olora"` (Buyukakyuz
+    2024; QR) start B A at the base weight's principal part and subtract it from the base (Linear only, as
+    HF peft; see lora_init.py).
     """
 
     r: int = 8
@@ -38,9 +42,18 @@ class LoRA:
     targets: list[str] = field(default_factory=list)
     use_dora: bool = False
     use_rslora: bool = False
-    init: Literal["default", "gaussian"] = "default"
+    init: str = "default"
     method: Literal["lora"] = "lora"
     __pydantic_config__ = _FORBID
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"default|gaussian|pissa|olora|pissa_niter_[1-9][0-9]*", str(self.init)):
+            raise ValueError(f"The lora init must be 'default', 'gaussian', 'pissa', 'pissa_niter_K' "
+                             f"(K a positive integer) or 'olora', not {self.init!r}.")  # fmt: skip
+        if self.use_dora and self.init.startswith(("pissa", "olora")):
+            raise ValueError(
+                f"The lora init {self.init!r} cannot be combined with use_dora; drop one of them."
+            )
 
     @property
     def scaling(self) -> float:
@@ -203,6 +216,59 @@ class VeRA:
         _check_rank("vera", self.r)
 
 
+@dataclass(frozen=True)
+class AdaLoRA:
+    """SVD-form LoRA, alpha / init_r * B diag(E) A, whose ranks are pruned in training (Zhang et al. 2023).
+
+    As HF peft's AdaLoraConfig, on Linear and Conv2d; E starts at zero. After `tinit` steps the total rank
+    falls cubically to `target_r` per layer by `total_step - tfinal` (None: the run's steps), every `delta_t`
+    steps, by smoothed importance (`beta1`) times uncertainty (`beta2`); `orth_reg_weight` weighs the
+    orthogonality penalty added to the loss (adalora_schedule.py). `rank_pattern`: path -> kept of init_r.
+    """
+
+    init_r: int = 12
+    target_r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=list)
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    rank_pattern: dict[str, list[bool]] = field(default_factory=dict)
+    method: Literal["adalora"] = "adalora"
+    __pydantic_config__ = _FORBID
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.target_r <= self.init_r or self.init_r < 1:
+            raise ValueError(f"The adalora init_r must be positive and target_r in [0, "
+                             f"init_r={self.init_r}], not {self.target_r}.")  # fmt: skip
+        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
+            raise ValueError(
+                f"The adalora beta1 and beta2 must be in (0, 1), not {self.beta1}, {self.beta2}."
+            )
+        if self.orth_reg_weight < 0 or self.delta_t < 1 or self.tinit < 0 or self.tfinal < 0:
+            raise ValueError(
+                "The adalora orth_reg_weight, tinit and tfinal must be non-negative, delta_t positive."
+            )
+        if self.total_step is not None:
+            self.check_schedule(self.total_step)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha if self.alpha > 0 else float(self.init_r)
+
+    def check_schedule(self, total_step: int) -> None:
+        """Refuses a schedule with no rank-budgeting step in `total_step` steps, as HF peft does."""
+        if self.tinit >= total_step - self.tfinal:
+            raise ValueError(f"The adalora tinit ({self.tinit}) and tfinal ({self.tfinal}) leave no "
+                             f"rank-budgeting steps in {total_step} training steps; lower them or train "
+                             "longer.")  # fmt: skip
+
+
 _TOKEN_EMBEDDING = r"re:(.*\.)?(embed_tokens|word_embeddings)"
 
 
@@ -299,25 +365,12 @@ class SCT:
         return max(1, round((self.fraction if self.fraction is not None else 0.125) * width))
 
 
-AdapterSpec = (
-    LoRA
-    | Bottleneck
-    | IA3
-    | SSF
-    | BitFit
-    | NormTuning
-    | PromptTuning
-    | LoHa
-    | LoKr
-    | VeRA
-    | PTuning
-    | PrefixTuning
-    | SCT
-)
+AdapterSpec = (LoRA | Bottleneck | IA3 | SSF | BitFit | NormTuning | PromptTuning | LoHa | LoKr | VeRA
+               | PTuning | PrefixTuning | SCT | AdaLoRA)  # fmt: skip
 ADAPTER_METHODS: dict[str, type] = {
     cls.method: cls
     for cls in (LoRA, Bottleneck, IA3, SSF, BitFit, NormTuning, PromptTuning, LoHa, LoKr, VeRA, PTuning)
-    + (PrefixTuning, SCT)
+    + (PrefixTuning, SCT, AdaLoRA)
 }
 
 

@@ -174,13 +174,13 @@ def test_spec_from_dict_refusals():
     ):
         spec_from_dict({"method": "lora", "rank": 8})
     with refused(
-        "Unknown adapter method 'lorax'; choose one of ['bitfit', 'bottleneck', 'ia3', 'loha', 'lokr', "
-        "'lora', 'norm', 'prefix', 'prompt', 'ptuning', 'sct', 'ssf', 'vera']."
+        "Unknown adapter method 'lorax'; choose one of ['adalora', 'bitfit', 'bottleneck', 'ia3', 'loha', "
+        "'lokr', 'lora', 'norm', 'prefix', 'prompt', 'ptuning', 'sct', 'ssf', 'vera']."
     ):
         spec_from_dict({"method": "lorax"})
     with refused(
-        "Unknown adapter method None; choose one of ['bitfit', 'bottleneck', 'ia3', 'loha', 'lokr', "
-        "'lora', 'norm', 'prefix', 'prompt', 'ptuning', 'sct', 'ssf', 'vera']."
+        "Unknown adapter method None; choose one of ['adalora', 'bitfit', 'bottleneck', 'ia3', 'loha', "
+        "'lokr', 'lora', 'norm', 'prefix', 'prompt', 'ptuning', 'sct', 'ssf', 'vera']."
     ):
         spec_from_dict({"r": 8})
     assert spec_from_dict({"method": "ia3", "targets": ("q",)}) == IA3(targets=["q"])
@@ -189,8 +189,8 @@ def test_spec_from_dict_refusals():
 def test_save_refusals(tmp_path):
     model = add_adapter(Block(), SSF(targets=["q_proj"]), name="task")
     with refused(
-        "Adapter 'task' is ssf; the HF peft format is written for LoRA, LoHa, LoKr, VeRA, P-tuning and "
-        "prefix tuning only."
+        "Adapter 'task' is ssf; the HF peft format is written for LoRA, LoHa, LoKr, VeRA, AdaLoRA, "
+        "P-tuning and prefix tuning only."
     ):
         save_adapter(model, tmp_path, format="peft")
     with refused("Unknown adapter format 'onnx'; use 'native' or 'peft'."):
@@ -290,8 +290,8 @@ def test_hf_peft_configs_we_cannot_honour(saved):
     config = {"peft_type": "IA3", "r": 2, "lora_alpha": 4}
     config_path.write_text(json.dumps(config))
     with refused(
-        f"{config_path}: peft_type 'IA3' is not supported; only LORA, LOHA, LOKR, VERA, P_TUNING and "
-        "PREFIX_TUNING."
+        f"{config_path}: peft_type 'IA3' is not supported; only LORA, LOHA, LOKR, VERA, ADALORA, P_TUNING "
+        "and PREFIX_TUNING."
     ):
         load_adapter(base, directory)
     config_path.write_text(json.dumps({**config, "peft_type": "LORA", "rank_pattern": {"q_proj": 4}}))

@@ -189,7 +189,7 @@ def test_convert_adapter_refusals(tmp_path):
     save_adapter(ssf, tmp_path / "ssf")
     with refused(
         f"{tmp_path / 'ssf'} cannot be converted to the HF peft format: Adapter 'task' is ssf; the HF peft "
-        "format is written for LoRA, LoHa, LoKr, VeRA, P-tuning and prefix tuning only."
+        "format is written for LoRA, LoHa, LoKr, VeRA, AdaLoRA, P-tuning and prefix tuning only."
     ):
         convert_adapter(tmp_path / "ssf", tmp_path / "out", format="peft")
     lora = add_adapter(copy.deepcopy(block), LoRA(r=2, targets=["0"]), name="task")
