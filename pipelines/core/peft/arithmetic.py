@@ -208,7 +208,7 @@ def add_weighted_adapter(
     first = specs[0]
     exact = [f"re:{re.escape(path)}" for path in paths]
     add_adapter(
-        model, LoRA(r=rank, alpha=float(rank), dropout=first.dropout, targets=exact, init=first.init), name
+        model, LoRA(r=rank, alpha=float(rank), dropout=first.dropout, targets=exact, init="default"), name
     )
     new_layers = [wrapper.adapters[name] for _, wrapper in wrappers(model) if name in wrapper.adapters]
     with torch.no_grad():
