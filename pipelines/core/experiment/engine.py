@@ -11,6 +11,7 @@ parameter of the final model, adapters included) and cost.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -74,14 +75,21 @@ def primary_label(recipe: Any) -> str:
 
 
 def compare_label(entry: Any) -> str:
-    """A compare entry's label: the baseline's name, or ``<method>_<field><value>...`` for a spec."""
+    """A compare entry's label: the baseline's name, or ``<method>_<field><value>...`` for a spec, which is
+    also its adapter's name, so a value keeps only letters, digits, '_' and '-' (alpha 32.0 -> alpha32,
+    dropout 0.1 -> dropout0p1)."""
     if isinstance(entry, str):
         return entry
     spec = spec_to_dict(as_spec(entry))
     defaults = spec_to_dict(type(as_spec(entry))())
-    changed = [f"{key}{value}" for key, value in spec.items()
+    changed = [f"{key}{_label_value(value)}" for key, value in spec.items()
                if key not in ("method", "targets") and value != defaults.get(key)]  # fmt: skip
     return "_".join([spec["method"], *changed])
+
+
+def _label_value(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text.replace(".", "p")).strip("_")
 
 
 def compare_stages(recipe: Any, entry: Any) -> list[Any]:
