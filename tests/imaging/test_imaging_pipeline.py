@@ -104,25 +104,22 @@ def test_a_sweep_refuses_the_low_data_fields_it_overrides(tmp_path, npz_file, ti
 
 
 def test_compare_takes_full_adapter_specs_with_explicit_or_default_targets(tmp_path, npz_file, tiny_vit):
+    from pipelines.core.experiment import compare_label
     from pipelines.core.recipe import load_recipe
     from pipelines.imaging.pipeline import ImagingClassificationPipeline
 
-    recipe = load_recipe(_recipe(tmp_path, npz_file, tiny_vit, "[lora]"))
-    specs = [
-        {"method": "lora", "r": 2, "targets": ["fc1"]},
-        {"method": "lora", "r": 2, "alpha": 4, "targets": []},
-    ]
-    recipe = recipe.model_copy(update={"compare": specs})
+    compare = "[{method: lora, r: 2, targets: [fc1]}, {method: lora, r: 2, alpha: 4, targets: []}]"
+    recipe = load_recipe(_recipe(tmp_path, npz_file, tiny_vit, compare))
+    explicit, default = (compare_label(entry) for entry in recipe.compare)
+    assert default == "lora_r2_alpha4"  # the schema makes alpha 4.0; a label is also an adapter name
     result = ImagingClassificationPipeline.from_recipe(recipe).run(tmp_path / "run")
-    assert list(result.results) == ["lora", "lora_r2", "lora_r2_alpha4"]
+    assert list(result.results) == ["lora", explicit, default]
     head = 32 * 2 + 2
-    assert result.parameters["lora_r2"]["trainable"] == head + 2 * (2 * 32 + 128 * 2)  # fc1: 32 -> 128
-    assert result.parameters["lora_r2_alpha4"]["trainable"] == head + 2 * (2 * 32 + 96 * 2)  # default: qkv
+    assert result.parameters[explicit]["trainable"] == head + 2 * (2 * 32 + 128 * 2)  # fc1: 32 -> 128
+    assert result.parameters[default]["trainable"] == head + 2 * (2 * 32 + 96 * 2)  # the ViT default: qkv
     facts = result.info["extra"]["baselines"]
-    assert facts["lora_r2"]["adapter"]["targets"] == ["fc1"] and facts["lora_r2"]["adapted_modules"] == 2
-    assert (
-        facts["lora_r2_alpha4"]["adapter"]["alpha"] == 4 and facts["lora_r2_alpha4"]["adapted_modules"] == 2
-    )
+    assert facts[explicit]["adapter"]["targets"] == ["fc1"] and facts[explicit]["adapted_modules"] == 2
+    assert facts[default]["adapter"]["alpha"] == 4 and facts[default]["adapted_modules"] == 2
 
 
 def test_lab_code_fit_trains_the_model_a_recipe_trains(tmp_path, npz_file, tiny_vit):
