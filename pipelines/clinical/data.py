@@ -1,5 +1,5 @@
-"""Clinical notes: the MTSamples dataset and its tasks, a loader for the user's own notes (CSV, JSONL,
-Parquet or a DataFrame), seeded stratified splits (ids only on disk) and the tensors the models eat.
+"""Clinical notes: the MTSamples dataset and its tasks, seeded stratified splits (ids only on disk) and
+class weights; the user's own notes files are read by :mod:`pipelines.clinical.notes_file`.
 
 Privacy: nothing here puts note text into a message, a repr or a file; only ids, column names and counts.
 """
@@ -24,8 +24,6 @@ __all__ = [
     "Notes",
     "load_mtsamples",
     "mtsamples_task",
-    "notes_from_frame",
-    "load_notes_file",
     "split_notes",
     "stratified_subset",
     "write_splits",
@@ -205,105 +203,6 @@ def mtsamples_task(
         counts,
         source,
     )
-
-
-def _label_column(values: Any, column: str, task: TaskType | None) -> tuple[np.ndarray, list[str], TaskType]:
-    distinct = sorted(values.unique().tolist(), key=str)
-    as_numbers = {str(v) for v in distinct} <= {"0", "1", "0.0", "1.0", "True", "False"}
-    if task is None:
-        task = "binary" if len(distinct) <= 2 else "multiclass"
-    if task == "binary":
-        if len(distinct) != 2:
-            raise NotesError(f"label column '{column}' has {len(distinct)} distinct values; binary needs 2")
-        if as_numbers:
-            labels = values.map(lambda v: int(str(v) in ("1", "1.0", "True"))).to_numpy(np.int64)
-            return labels, ["0", "1"], task
-        return (values == distinct[1]).to_numpy(np.int64), [str(v) for v in distinct], task
-    if task == "multiclass":
-        index = {v: k for k, v in enumerate(distinct)}
-        return values.map(index).to_numpy(np.int64), [str(v) for v in distinct], task
-    raise NotesError(
-        f"task '{task}' needs several 0/1 label columns, one per label; '{column}' is one column"
-    )
-
-
-def notes_from_frame(
-    frame: Any,
-    text_column: str = "text",
-    label_columns: str | list[str] = "label",
-    id_column: str | None = None,
-    task: TaskType | None = None,
-    source: dict[str, Any] | None = None,
-) -> Notes:
-    """Turn a DataFrame of notes into :class:`Notes` (a MIMIC-style export, or lab data).
-
-    Args:
-        frame: A pandas DataFrame.
-        text_column: Column holding the note text; empty notes are dropped and counted.
-        label_columns: One column (binary or multiclass: values become class names, sorted) or several
-            0/1 columns (multilabel, one per label).
-        id_column: Column of note ids; the row number when omitted.
-        task: Forces ``binary``, ``multiclass`` or ``multilabel``; inferred when omitted.
-        source: Provenance for the report (file, sha256).
-
-    Returns:
-        The labelled notes.
-    """
-    columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
-    wanted = [text_column, *columns] + ([id_column] if id_column else [])
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise NotesError(
-            f"the notes have no column(s) {missing} (columns: {list(frame.columns)}); "
-            "set text_column / label_columns / id_column to the names in your file"
-        )
-    ids = frame[id_column].astype(str) if id_column else frame.index.to_series().astype(str)
-    if ids.duplicated().any():
-        raise NotesError(f"id column '{id_column or 'row index'}' repeats {int(ids.duplicated().sum())} ids")
-    text = frame[text_column].fillna("").astype(str)
-    empty = (text.str.strip() == "").to_numpy()
-    unlabelled = frame[columns].isna().any(axis=1).to_numpy()
-    if unlabelled[~empty].any():
-        bad = ids[unlabelled & ~empty].tolist()[:5]
-        raise NotesError(f"label column(s) {columns} are empty for note ids {bad}; fill or drop those rows")
-    keep = ~empty
-    kept = frame.loc[keep]
-    if len(columns) > 1 or task == "multilabel":
-        values = kept[columns]
-        if not values.isin([0, 1, True, False]).all().all():
-            raise NotesError(f"multilabel columns {columns} must hold only 0/1 values")
-        labels, names, task = values.to_numpy(np.int64), columns, "multilabel"
-    else:
-        labels, names, task = _label_column(kept[columns[0]], columns[0], task)
-    counts = {"rows": len(frame), "empty_dropped": int(empty.sum()), "notes": int(keep.sum())}
-    return Notes(ids[keep].tolist(), text[keep].tolist(), labels, task, names, counts, dict(source or {}))
-
-
-def load_notes_file(path: str | Path, **kwargs: Any) -> Notes:
-    """Read notes from a ``.csv(.gz)``, ``.jsonl`` or ``.parquet`` file; see :func:`notes_from_frame`."""
-    import pandas as pd
-
-    from pipelines.core.data import sha256_file
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise NotesError(f"notes file {path} does not exist; give the path of a CSV, JSONL or Parquet file")
-    name = path.name.lower()
-    if name.endswith((".csv", ".csv.gz")):
-        frame = pd.read_csv(path)
-    elif name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        frame = pd.read_json(path, lines=True)
-    elif name.endswith(".parquet"):
-        try:
-            frame = pd.read_parquet(path)
-        except ImportError as error:
-            raise NotesError(
-                f"reading {path.name} needs pyarrow; pip install pyarrow, or export CSV"
-            ) from error
-    else:
-        raise NotesError(f"notes file {path.name} is not .csv, .csv.gz, .jsonl or .parquet; convert it first")
-    source = {"file": str(path), "sha256": sha256_file(path)}
-    return notes_from_frame(frame, source=source, **kwargs)
 
 
 def _strata(notes: Notes) -> np.ndarray:

@@ -21,7 +21,6 @@ from torch.utils.data import Subset
 from pipelines.clinical.data import (
     Notes,
     class_weights,
-    load_notes_file,
     mtsamples_task,
     split_notes,
     stratified_subset,
@@ -29,6 +28,7 @@ from pipelines.clinical.data import (
 )
 from pipelines.clinical.metrics import perplexity_change
 from pipelines.clinical.model import ClinicalModel
+from pipelines.clinical.notes_file import load_notes_file
 from pipelines.clinical.stages import (
     HEAD,
     WEIGHTS,
@@ -94,6 +94,7 @@ class ClinicalExperiment:
         hooks = cls(pipe)
         hooks.class_names, hooks.tokenizer = notes.class_names, pipe.backbone.tokenizer
         model = hooks.new_model()
+        val = val if _validates(pipe.stages) else None  # cached states only for notes a stage reads
         hooks.sets = hooks._classification_sets(model, {"train": notes, "val": val})
         texts = list(domain_texts) if domain_texts is not None else notes.texts
         hooks._lm_sets(model, texts, pipe.stages)
@@ -109,6 +110,7 @@ class ClinicalExperiment:
     def load_data(self, run_dir: Path) -> ExperimentData:
         recipe, data = self.recipe, self.pipe.options.data
         notes = load_recipe_notes(self.pipe)
+        self._lap("load_notes")
         full = split_notes(notes, data.split, seed=recipe.seed)
         for name in ("train", "test"):
             if name not in full or len(full[name]) == 0:
@@ -122,13 +124,16 @@ class ClinicalExperiment:
         self.cache_model = self.new_model()  # computes the cached prefix states; never trained
         lm_stages = [s for s in recipe.stages if s.objective == "causal_lm"]
         if lm_stages:
+            # Packed only as far as the stages read (max_blocks) and the perplexity needs (eval_blocks).
             self._lm_sets(self.cache_model, notes.subset(full["train"]).texts, recipe.stages)
             first = stage_options(lm_stages[0])
             test_texts = notes.subset(full["test"]).texts  # held out: never trained on
             self.held_out = lm_data(
                 self.cache_model, self.tokenizer, test_texts, first.max_length, first.eval_blocks
             )
+            self._lap("lm_blocks")
             self.perplexity["base_lm"] = self._perplexity(self.cache_model)
+            self._lap("base_perplexity")
         info = {
             "name": recipe.data.dataset,
             "task_name": data.task_name if recipe.data.dataset == "mtsamples" else None,
@@ -150,13 +155,12 @@ class ClinicalExperiment:
         if "val" in full and len(full["val"]):
             used["val"] = stratified_subset(full["val"], notes, data.max_val, seed)
         write_splits(self.run_dir, notes, used, seed)
-        stages = self.recipe.stages
-        need_val = any(s.train.early_stopping_patience or s.train.eval_every for s in stages)
-        wanted = ("train", "test") + (("val",) if need_val and "val" in used else ())
+        # Cached states for the drawn and capped notes only, and for validation only when a stage reads it.
+        wanted = ("train", "test") + (("val",) if _validates(self.recipe.stages) and "val" in used else ())
         self.sets = self._classification_sets(self.cache_model, {k: notes.subset(used[k]) for k in wanted})
         self.info.update(describe_notes(notes, {k: used[k] for k in wanted}))
         self.cache_model = None  # every tensor that needs it is made
-        self._lap("tensors")
+        self._lap("classification_sets")
 
     def _classification_sets(self, model: ClinicalModel, splits: dict[str, Notes | None]) -> dict[str, Any]:
         length = self.pipe.classification_options.max_length
@@ -319,6 +323,11 @@ class ClinicalExperiment:
                 "note and reused by every stage and baseline (exact)."
             )
         return out
+
+
+def _validates(stages: list[Any]) -> bool:
+    """Whether any stage reads the validation split (eval_every or early stopping)."""
+    return any(s.train.early_stopping_patience or s.train.eval_every for s in stages)
 
 
 def _stage_summary(stage: Any) -> dict[str, Any]:

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 
 from pipelines.clinical.backbones import Backbone, load_backbone
-from pipelines.clinical.data import MTSAMPLES, Notes, notes_from_frame
+from pipelines.clinical.data import MTSAMPLES, Notes
 from pipelines.clinical.experiment import ClinicalExperiment
 from pipelines.clinical.model import ClinicalModel
+from pipelines.clinical.notes_file import notes_from_frame
 from pipelines.clinical.options import BackboneOptions, ClinicalOptions, StageOptions, as_model
 from pipelines.clinical.stages import (
     HEAD,

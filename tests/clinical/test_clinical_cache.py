@@ -1,17 +1,24 @@
-"""The cached-layer check: nothing below the cached layers may be adapted or trained, embeddings included."""
+"""The layer cache: nothing below the cached layers may be adapted or trained, embeddings included; and it
+computes states only for the notes and blocks the stages read."""
 
 from __future__ import annotations
 
+import json
+
+import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pipelines.clinical.backbones import load_backbone
 from pipelines.clinical.data import Notes
 from pipelines.clinical.experiment import ClinicalExperiment
+from pipelines.clinical.model import ClinicalModel
 from pipelines.clinical.stages import StageError, build_model, check_cached_layers
 from pipelines.clinical.tokens import LMBlocks
 from pipelines.core.peft import LoRA, adapter_names, add_adapter
 from pipelines.core.registry import create_pipeline
+from pipelines.core.runner import run_recipe
 
 BLOCKS = torch.randint(3, 259, (4, 8), generator=torch.Generator().manual_seed(0))
 
@@ -73,3 +80,70 @@ def test_adapters_and_trainables_above_the_cached_layers_pass():
     model.cached_layers = 0
     model.lm.model.embed_tokens.weight.requires_grad_(True)
     check_cached_layers(model)  # no cache, nothing to go stale
+
+
+@pytest.fixture
+def prefix_rows(monkeypatch):
+    """Rows (notes or blocks) of every ``prefix_states`` call, i.e. everything the layer cache computes."""
+    rows: list[int] = []
+    original = ClinicalModel.prefix_states
+
+    def counting(self, input_ids, attention_mask=None):
+        rows.append(int(input_ids.shape[0]))
+        return original(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(ClinicalModel, "prefix_states", counting)
+    return rows
+
+
+def test_the_recipe_caches_only_the_drawn_capped_notes_and_the_blocks_stage_one_reads(
+    tmp_path, synthetic_notes, prefix_rows
+):
+    ids, texts, labels = synthetic_notes(n=60)
+    notes_file = tmp_path / "notes.csv"
+    pd.DataFrame({"note_id": ids, "text": texts, "label": labels}).to_csv(notes_file, index=False)
+    top = {"method": "lora", "r": 2, "targets": ["re:.*layers\\.1\\.self_attn\\.q_proj"]}
+    recipe = {
+        "name": "tiny_lazy", "pipeline": "clinical/two_stage", "seed": 0,
+        "backbone": {"name": "tiny-random-llama", "options": {"cached_layers": 1}},
+        "data": {"dataset": str(notes_file), "task": "binary", "fraction": 0.5,
+                 "options": {"id_column": "note_id", "max_test": 8,
+                             "split": {"train": 0.5, "val": 0.2, "test": 0.3}}},
+        "stages": [
+            {"name": "domain", "objective": "causal_lm", "adapter": top, "trainable": ["domain"],
+             "train": {"epochs": 1, "batch_size": 2}, "options": {"max_length": 16, "max_blocks": 3,
+                                                                  "eval_blocks": 2}},
+            {"name": "task", "objective": "classification", "trainable": ["domain"],
+             "train": {"epochs": 1, "batch_size": 4}, "options": {"max_length": 24}},
+        ],
+        "evaluation": {"bootstrap": 10},
+        "output_dir": str(tmp_path / "runs"),
+    }  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    report = json.loads((run_recipe(path) / "report.json").read_text())
+    assert report["dataset"]["low_data"]["train_full"] == 30 and report["dataset"]["splits"] == {
+        "train": 16,
+        "test": 8,
+    }
+    # 3 training blocks + 2 held-out blocks, then the 16 drawn training notes and the 8 capped test notes;
+    # nothing for the 12 validation notes (no stage validates) nor the 14 notes the draw left out.
+    assert sum(prefix_rows) == 3 + 2 + 16 + 8
+    assert set(report["cost"]["phases"]) == {
+        "load_notes", "load_backbone", "lm_blocks", "base_perplexity", "classification_sets"
+    }  # fmt: skip
+
+
+def test_lab_fit_caches_no_validation_notes_when_no_stage_validates(synthetic_notes, prefix_rows):
+    ids, texts, labels = synthetic_notes(n=20)
+    notes = Notes(ids, texts, labels, "binary", ["0", "1"])
+    pipe = create_pipeline(
+        "clinical/two_stage", backbone="tiny-random-llama", domain_adapter=None,
+        task_adapter={"method": "lora", "r": 2, "targets": ["re:.*layers\\.1\\.self_attn\\.q_proj"]},
+        max_length=16, backbone_options={"cached_layers": 1}, progress=False,
+    )  # fmt: skip
+    hooks = ClinicalExperiment.for_notes(pipe, notes.subset(range(12)), notes.subset(range(12, 20)))
+    assert "val" not in hooks.sets and sum(prefix_rows) == 12
+    pipe.stages[-1].train.eval_every = 1
+    hooks = ClinicalExperiment.for_notes(pipe, notes.subset(range(12)), notes.subset(range(12, 20)))
+    assert len(hooks.sets["val"]) == 8 and sum(prefix_rows) == 12 + 12 + 8

@@ -11,14 +11,13 @@ from pipelines.clinical.data import (
     NotesError,
     class_weights,
     load_mtsamples,
-    load_notes_file,
     mtsamples_task,
-    notes_from_frame,
     read_splits,
     split_notes,
     stratified_subset,
     write_splits,
 )
+from pipelines.clinical.notes_file import load_notes_file, notes_from_frame
 
 
 def test_mtsamples_counts_and_merged_duplicates(mirror):
@@ -77,7 +76,8 @@ def test_frame_loader_infers_binary_multiclass_multilabel():
     assert multiclass.task == "multiclass" and multiclass.labels.tolist() == [0, 2, 1, 0]
     multilabel = notes_from_frame(frame, label_columns=["l1", "l2"])
     assert multilabel.task == "multilabel" and multilabel.labels.tolist() == [[0, 1], [1, 1], [0, 0], [1, 0]]
-    with pytest.raises(NotesError, match=r"the notes have no column\(s\) \['note'\]"):
+    missing = r"the notes: no column\(s\) \['note'\] \(its columns: \['text', 'y'"
+    with pytest.raises(NotesError, match=missing):
         notes_from_frame(frame, text_column="note", label_columns="y")
 
 

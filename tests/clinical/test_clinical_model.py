@@ -28,7 +28,7 @@ def test_backbone_errors_name_the_path(tmp_path):
     with pytest.raises(BackboneError, match=r"GGUF file .*missing.gguf does not exist"):
         load_backbone(str(tmp_path / "missing.gguf"))
     (tmp_path / "weights.bin").write_text("x")
-    with pytest.raises(BackboneError, match="is not a model folder or a .gguf file"):
+    with pytest.raises(BackboneError, match="weights.bin is a file but not a .gguf file"):
         load_backbone(str(tmp_path / "weights.bin"))
 
 
