@@ -24,9 +24,14 @@ def _label_mismatch(labels: Any, reference: Any, primary: str) -> str | None:
         labels, reference = as_numpy(labels), as_numpy(reference)
     except (TypeError, ValueError):  # ragged labels (e.g. sequences) have no array form to compare
         return f"its test labels cannot be compared element-wise with those of {primary}"
-    if labels.shape != reference.shape or not np.array_equal(labels, reference):
+    if labels.shape != reference.shape:
         return f"its test labels differ from those of {primary}"
-    return None
+    floating = np.issubdtype(labels.dtype, np.floating) or np.issubdtype(reference.dtype, np.floating)
+    # regression targets may come back as float32 from one model and float64 from another
+    same = (
+        np.allclose(labels, reference, rtol=1e-6, atol=0) if floating else np.array_equal(labels, reference)
+    )
+    return None if same else f"its test labels differ from those of {primary}"
 
 
 def run_comparisons(result: RunResult) -> dict[str, Any]:

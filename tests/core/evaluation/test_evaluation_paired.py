@@ -374,3 +374,18 @@ def test_report_without_predictions_says_why_nothing_was_compared():
     }
     alone = RunResult("solo", "toy/pipeline", "binary", "auroc", "lora", {"lora": result.results["lora"]})
     assert build_report(alone)["comparisons"] == {}
+
+
+def test_regression_targets_stored_as_float32_by_one_model_are_the_same_test_set():
+    from pipelines.core.evaluation import RunResult, evaluate
+    from pipelines.core.evaluation.comparisons import run_comparisons
+
+    y = np.random.default_rng(0).normal(size=50)
+    a, b = y + 0.1, y + np.random.default_rng(1).normal(size=50)
+    predictions = {"lora": (y.astype(np.float32), a), "one_hot": (y, b)}
+    results = {k: evaluate("regression", *v, ["spearman"], bootstrap=50) for k, v in predictions.items()}
+    payload = run_comparisons(RunResult("r", "toy/x", "regression", "spearman", "lora", results, predictions))
+    assert payload["baselines"] == ["one_hot"] and not payload.get("not_compared")
+    changed = {"lora": (y, a), "one_hot": (y + 1e-3, b)}  # really other targets: still refused
+    payload = run_comparisons(RunResult("r", "toy/x", "regression", "spearman", "lora", results, changed))
+    assert payload["not_compared"] == {"one_hot": "its test labels differ from those of lora"}
