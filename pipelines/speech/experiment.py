@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.core.experiment import ExperimentData, Outcome, StagePlan, Trained, train_candidate
-from pipelines.core.peft import save_adapter, spec_to_dict
+from pipelines.core.peft import save_adapter
 from pipelines.speech.adaptation import (
     ClipTraining,
     adaptation_clips,
@@ -30,6 +30,7 @@ from pipelines.speech.model import AcousticModel, adapter_targets
 from pipelines.speech.report import (
     METRIC_NOTES,
     REFERENCE_MODELS,
+    adapter_facts,
     disabled_equals_base,
     probe_mels,
     reference_notes,
@@ -170,7 +171,7 @@ class SpeechExperiment:
             },  # fmt: skip
             "backbone": {k: v for k, v in self.backbone.info.items() if k != "history"}
             | {"vocoder": self.pipe.vocoder().source},
-            "adapter": self._adapter(primary),
+            "adapter": adapter_facts(self.recipe.stages[-1], primary),
             "notes": self._notes(primary, samples, checks, takes) + unscored_notes(unscored),
             "extra": {
                 "checks": checks,
@@ -219,17 +220,6 @@ class SpeechExperiment:
             unscored[label] = unscored_summary(synthesis, self.metrics)
         self.training = kept
         return results
-
-    def _adapter(self, primary: Trained) -> dict[str, Any]:
-        stage = self.recipe.stages[-1]
-        folder = primary.adapters[stage.name]
-        return {
-            "method": stage.adapter.method,
-            "spec": spec_to_dict(stage.adapter),
-            "file": str(folder / "adapter_model.safetensors"),
-            "file_size_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-            "trainable_parameters": primary.parameters["trainable"],
-        }
 
     def _notes(self, primary: Trained, samples: list[str], checks: dict, takes) -> list[str]:
         base_total = sum(p.numel() for p in self.backbone.model.parameters())

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from pipelines.core.experiment import ExperimentData, Outcome, StagePlan, Trained, train_candidate
-from pipelines.core.peft import disable_adapters, load_adapter, save_adapter, spec_to_dict
+from pipelines.core.peft import disable_adapters, load_adapter, save_adapter
 from pipelines.speech.adaptation import adaptation_clips, baseline_stage
 from pipelines.speech.data import FSDD_SHA256, Utterance, folder_utterances, fsdd_utterances, split_fsdd
 from pipelines.speech.hf_adaptation import HF_METRICS, HfClipTraining, hf_examples, score_hf
 from pipelines.speech.hf_tts import HfTts, hf_adapter_targets
+from pipelines.speech.report import adapter_facts
 from pipelines.speech.scoring import (
     Synthesis,
     evaluate_scores,
@@ -153,7 +154,7 @@ class HfExperiment:
             samples += write_samples(self.run_dir / "samples", label, synthesis, self.test, count, rate)
         return {
             "backbone": dict(self.base.info) | {"family": self.base.family, "sample_rate": rate},
-            "adapter": self._adapter(primary),
+            "adapter": adapter_facts(self.recipe.stages[-1], primary),
             "notes": self._notes(samples, checks) + unscored_notes(unscored),
             "extra": {"checks": checks, "sweep_adaptation_clips": sweep, "unscored": unscored,
                       "variance_statistics": self.statistics},
@@ -189,17 +190,6 @@ class HfExperiment:
             unscored[label] = unscored_summary(synthesis, self.metrics)
         self.training = kept
         return results
-
-    def _adapter(self, primary: Trained) -> dict[str, Any]:
-        stage = self.recipe.stages[-1]
-        folder = primary.adapters[stage.name]
-        return {
-            "method": stage.adapter.method,
-            "spec": spec_to_dict(stage.adapter),
-            "file": str(folder / "adapter_model.safetensors"),
-            "file_size_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-            "trainable_parameters": primary.parameters["trainable"],
-        }
 
     def _notes(self, samples: list[str], checks: dict[str, bool]) -> list[str]:
         notes = [

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
-from pipelines.core.peft import disable_adapters
+from pipelines.core.peft import disable_adapters, spec_to_dict
 from pipelines.speech.audio import load_wav
 from pipelines.speech.data import Example, collate_examples, peak_normalize
 from pipelines.speech.scoring import Synthesis, plot_mels, score_waveforms, write_samples
 
 __all__ = [
+    "adapter_facts",
     "METRIC_NOTES", "REFERENCE_MODELS", "probe_mels", "disabled_equals_base", "score_second_takes",
     "reference_notes", "write_media",
 ]  # fmt: skip
@@ -132,3 +133,15 @@ def write_media(
         if label != "second_take":  # real recordings already, at their own rate
             names += write_samples(run_dir / "samples", label, synthesis, examples, samples, sample_rate)
     return names
+
+
+def adapter_facts(stage, primary) -> dict:
+    """The report's ``adapter`` entry: the last stage's method and spec, its saved file and size."""
+    folder = primary.adapters[stage.name]
+    return {
+        "method": stage.adapter.method,
+        "spec": spec_to_dict(stage.adapter),
+        "file": str(folder / "adapter_model.safetensors"),
+        "file_size_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+        "trainable_parameters": primary.parameters["trainable"],
+    }
