@@ -22,6 +22,8 @@ __all__ = [
     "one_hot_windows",
     "fit_linear",
     "extract_features",
+    "one_hot_features",
+    "fit_baseline",
 ]
 
 ONE_HOT_LETTERS = "ACDEFGHIKLMNPQRSTVWY"  # any other letter (X, B, Z, U, O) gets the 21st column
@@ -152,3 +154,33 @@ def extract_features(model: Any, loader: Any) -> tuple[np.ndarray, np.ndarray]:
     finally:
         model.train(was_training)
     return np.concatenate(features), np.concatenate(labels)
+
+
+def one_hot_features(splits: dict[str, list[ProteinRecord]], level: str) -> dict[str, tuple[Any, np.ndarray]]:
+    """One-hot ``(x, y)`` of each split: windows around each scored residue, or whole sequences padded to
+    the longest training sequence."""
+    if level == "residue":
+        return {key: one_hot_windows(records) for key, records in splits.items()}
+    length = max(len(r.sequence) for r in splits["train"])
+    return {
+        key: (one_hot_sequences([r.sequence for r in rows], length), np.asarray([r.target for r in rows]))
+        for key, rows in splits.items()
+    }
+
+
+def fit_baseline(
+    features: dict[str, tuple[Any, np.ndarray]], regression: bool, seed: int
+) -> tuple[tuple[np.ndarray, np.ndarray], int, dict]:
+    """Fit :func:`fit_linear` on ``features`` (train, valid, test); returns (test ``(y_true, y_score)``,
+    parameters fitted, details)."""
+    (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = (
+        features[k] for k in ("train", "valid", "test")
+    )
+    if not regression:
+        y_train, y_valid, y_test = (y.astype(np.int64) for y in (y_train, y_valid, y_test))
+    kind = "regression" if regression else "classification"
+    predict, details = fit_linear(kind, x_train, y_train, x_valid, y_valid, seed=seed)
+    classes = len(np.unique(y_train))
+    trainable = (x_train.shape[1] + 1) * (1 if regression or classes <= 2 else classes)
+    details["features"] = int(x_train.shape[1])
+    return (y_test, predict(x_test)), trainable, details

@@ -8,13 +8,20 @@ honest interval for per-residue metrics.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import torch
 
 from pipelines.core.evaluation import accuracy, get_metric, kernels, register_metric
+from pipelines.protein.batching import MaskedLMCollator
 
-__all__ = ["q3_accuracy", "protein_bootstrap", "register_protein_metrics"]
+__all__ = [
+    "q3_accuracy", "protein_bootstrap", "protein_interval", "masked_lm_perplexity",
+    "register_protein_metrics",
+]  # fmt: skip
 
 
 def q3_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -71,3 +78,31 @@ def protein_bootstrap(
     if not len(finite):
         return float("nan"), float("nan")
     return float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))
+
+
+def protein_interval(
+    metric: str, records: list, y_true: np.ndarray, y_score: np.ndarray, resamples: int
+) -> dict[str, Any]:
+    """``metric`` on flattened residues with whole proteins (``records``, in order) resampled."""
+    counts = [sum(1 for label in (r.residue_labels or ()) if label != -100) for r in records]
+    spec = get_metric(metric)
+    y_input = y_score
+    if spec.input == "label":
+        y_input = y_score.argmax(1) if y_score.ndim == 2 else (y_score >= 0.5).astype(int)
+    low, high = protein_bootstrap(spec.fn, y_true, y_input, counts, resamples)
+    return {"metric": metric, "low": low, "high": high, "resamples": resamples}
+
+
+def masked_lm_perplexity(model: Any, sequences: list, probability: float, batch_size: int = 32) -> float:
+    """exp(mean cross-entropy) on masked residues of ``sequences`` with fixed (seed 0) masks."""
+    collate = MaskedLMCollator(model.vocabulary, probability, seed=0)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = collate(sequences[start : start + batch_size])
+            n = int((batch["labels"] != -100).sum())
+            total += model.masked_lm_loss(batch).item() * n
+            count += n
+    model.train()
+    return math.exp(total / max(1, count))

@@ -139,16 +139,25 @@ class _ProteinPipeline:
 
     @classmethod
     def check_recipe(cls, recipe: Any) -> list[tuple[str, str]]:
-        """Refuse ``data.shots_per_class`` where there are no per-sequence classes to count."""
+        """Refuse stage objectives out of order and ``data.shots_per_class`` without per-sequence classes."""
         task = recipe.data.task or ("regression" if cls.LEVEL == "sequence" else "multiclass")
+        want = "regression" if task == "regression" else "classification"
+        early = [(i, s) for i, s in enumerate(recipe.stages[:-1]) if s.objective != "masked_lm"]
+        before = "comes before the task stage, so its objective must be masked_lm, not"
+        errors = [(f"stages.{i}.objective", f"stage '{stage.name}' {before} '{stage.objective}'")
+                  for i, stage in early]  # fmt: skip
+        last = recipe.stages[-1]
+        if last.objective != want:
+            errors.append((f"stages.{len(recipe.stages) - 1}.objective", f"the last stage's objective must "
+                           f"be '{want}' for task '{task}', not '{last.objective}'"))  # fmt: skip
         if recipe.data.shots_per_class is None:
-            return []
+            return errors
         if cls.LEVEL == "residue":
-            return [("data.shots_per_class", "per-residue labels have no per-protein class to count shots "
-                     "of; use data.fraction (a share of the training proteins)")]  # fmt: skip
-        if task == "regression":
-            return [("data.shots_per_class", "a regression task has no classes; use data.fraction")]
-        return []
+            errors.append(("data.shots_per_class", "per-residue labels have no per-protein class to count "
+                           "shots of; use data.fraction (a share of the training proteins)"))  # fmt: skip
+        elif task == "regression":
+            errors.append(("data.shots_per_class", "a regression task has no classes; use data.fraction"))
+        return errors
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> _ProteinPipeline:

@@ -3,8 +3,6 @@ masked-LM perplexity (log loss), and the protein-level bootstrap against a loop 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -15,8 +13,12 @@ from pipelines.core.evaluation import evaluate
 from pipelines.protein.backbones import load_backbone
 from pipelines.protein.batching import MaskedLMCollator, ProteinDataset, TaskCollator
 from pipelines.protein.data import IGNORE_INDEX, records_from_lists
-from pipelines.protein.experiment import ProteinExperiment, _masked_lm_perplexity
-from pipelines.protein.metrics import protein_bootstrap, register_protein_metrics
+from pipelines.protein.metrics import (
+    masked_lm_perplexity,
+    protein_bootstrap,
+    protein_interval,
+    register_protein_metrics,
+)
 from pipelines.protein.model import ProteinModel
 
 register_protein_metrics()
@@ -122,12 +124,7 @@ def test_report_interval_resamples_proteins_of_the_scored_residues(residue_model
     model, records = residue_model(3), _records(3, seed=4)
     collate = TaskCollator(model.vocabulary, "residue")
     y_true, y_score = model.predict(DataLoader(ProteinDataset(records), batch_size=4, collate_fn=collate))
-    evaluation = SimpleNamespace(headline="q3", bootstrap=1000)
-    recipe = SimpleNamespace(evaluation=evaluation)
-    pipe = SimpleNamespace(recipe=recipe, options=None, task="multiclass", LEVEL="residue", metrics=["q3"])
-    experiment = ProteinExperiment(pipe)
-    experiment.splits = {"test": records}
-    interval = experiment._protein_interval(y_true, y_score)
+    interval = protein_interval("q3", records, y_true, y_score, 200)
     truth, probabilities, counts = _oracle(model, records)
     starts = np.cumsum([0, *counts])
     truths = [truth[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
@@ -149,5 +146,5 @@ def test_masked_lm_perplexity_is_exp_of_sklearn_log_loss_over_every_masked_resid
             probabilities.append(logits.softmax(-1)[keep].numpy())
     vocabulary = np.arange(probabilities[0].shape[1])
     expected = np.exp(log_loss(np.concatenate(truths), np.concatenate(probabilities), labels=vocabulary))
-    got = _masked_lm_perplexity(model, records, 0.15, batch_size=5)
+    got = masked_lm_perplexity(model, records, 0.15, batch_size=5)
     assert got == pytest.approx(expected, rel=1e-5)

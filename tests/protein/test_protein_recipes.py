@@ -161,3 +161,15 @@ def test_an_own_csv_in_flip_layout_keeps_its_validation_rows(tmp_path):
     groups, info, _ = load_splits(str(path), DataOptions(), "sequence", 1022)
     assert [r.id for r in groups["valid"]] == ["row 2", "row 5"] and info["cut"] == {}
     assert {k: len(v) for k, v in groups.items()} == {"train": 6, "valid": 2, "test": 4}
+
+
+def test_stage_objectives_out_of_order_are_refused_at_validate_with_their_yaml_path(tmp_path, capsys):
+    file = _recipe_file(tmp_path, tmp_path / "unused.csv")
+    recipe = yaml.safe_load(file.read_text())
+    task = recipe["stages"][0]
+    recipe["stages"] = [{**task, "name": "first"}, {**task, "objective": "classification"}]
+    file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert cli.main(["validate", str(file)]) == 2
+    out = capsys.readouterr().out
+    assert "stages.0.objective" in out and "stage 'first' comes before the task stage" in out
+    assert "stages.1.objective" in out and "must be 'regression' for task 'regression'" in out

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["headline_metric", "parameter_count", "peak_memory_bytes", "cost"]
+from pipelines.core.peft import spec_to_dict
+
+__all__ = ["adapter_entry", "headline_metric", "parameter_count", "peak_memory_bytes", "cost"]
 
 
 def headline_metric(recipe: Any, primary_results: Any) -> str:
@@ -54,3 +56,18 @@ def cost(models: dict[str, Any], primary: str, started: float) -> dict[str, Any]
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
     }
+
+
+def adapter_entry(recipe: Any, adapters: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``adapter``: the last stage's method and spec, the folder the primary model's adapter
+    was saved to (``adapters``: stage name -> folder) and the size of its tensor files, and the stages."""
+    final = recipe.stages[-1]
+    stages = [stage.name for stage in recipe.stages]
+    if final.adapter is None:
+        return {"method": "head only", "stages": stages}
+    entry = {"method": final.adapter.method, "spec": spec_to_dict(final.adapter), "stages": stages}
+    folder = adapters.get(final.name)
+    if folder is not None:
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        entry.update(directory=str(folder), file_size_bytes=size)
+    return entry

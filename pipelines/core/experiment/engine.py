@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipelines.core.evaluation import RunResult, evaluate
-from pipelines.core.experiment.accounting import cost, headline_metric, parameter_count
+from pipelines.core.experiment.accounting import adapter_entry, cost, headline_metric, parameter_count
 from pipelines.core.experiment.hooks import ExperimentHooks, Outcome, StagePlan, Trained
 from pipelines.core.peft import add_adapter, as_spec, load_adapter, save_adapter, set_trainable, spec_to_dict
 from pipelines.core.sampling import low_data_indices
@@ -58,6 +58,7 @@ def run_experiment(hooks: ExperimentHooks, recipe: Any, run_dir: Path, resume: b
     }  # fmt: skip
     described = hooks.describe(models)
     results.update(described.pop("results", {}))
+    described["adapter"] = adapter_entry(recipe, models[primary].adapters) | described.get("adapter", {})
     return RunResult(
         name=recipe.name, pipeline=recipe.pipeline, task=data.task,
         headline_metric=headline_metric(recipe, results[primary]), primary_model=primary,
