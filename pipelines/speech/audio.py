@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "AudioError",
     "AudioConfig",
     "AUDIO",
     "load_wav",
@@ -47,6 +48,32 @@ class AudioConfig:
 
 
 AUDIO = AudioConfig()
+MIN_CLIP_SECONDS = 0.05  # the mel features' padding needs more samples than a shorter clip has
+
+
+class AudioError(ValueError):
+    """An audio file cannot be read, is truncated or is too short to be a clip."""
+
+
+def _truncated_wav(path: Path) -> tuple[int, int] | None:
+    """(declared, present) bytes of a RIFF WAV file's ``data`` chunk when the file ends before it does.
+
+    Streaming writers that leave the size as 0 or 0xFFFFFFFF (unknown) are not truncated.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(12)
+        if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return None
+        position = 12
+        while position + 8 <= size:
+            handle.seek(position)
+            chunk, length = handle.read(4), int.from_bytes(handle.read(4), "little")
+            if chunk == b"data":
+                present = size - position - 8
+                return (length, present) if length not in (0, 0xFFFFFFFF) and length > present else None
+            position += 8 + length + (length & 1)
+    return None
 
 
 def load_wav(path: str | Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
@@ -54,15 +81,35 @@ def load_wav(path: str | Path, sample_rate: int | None = None) -> tuple[np.ndarr
 
     Returns:
         (waveform in [-1, 1], sample rate).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        AudioError: The file is not audio soundfile reads, a truncated WAV, or shorter than 50 ms.
     """
     import soundfile
 
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file {path} does not exist; check the path or metadata.csv line")
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (RuntimeError, OSError) as error:
-        raise OSError(
-            f"could not read audio file {path} ({error}); pass a WAV/FLAC file soundfile can open"
+    except (RuntimeError, OSError) as error:  # soundfile.LibsndfileError is a RuntimeError
+        reason = getattr(error, "error_string", None) or str(error)
+        raise AudioError(
+            f"audio file {path} is not a WAV/FLAC file soundfile can read ({reason.strip()}); "
+            "convert it to 16-bit PCM WAV or remove it"
         ) from error
+    truncated = _truncated_wav(path)
+    if truncated is not None:
+        raise AudioError(
+            f"audio file {path} is truncated: its header declares {truncated[0]:,} bytes of samples, the "
+            f"file holds {truncated[1]:,}; export it again or remove it"
+        )
+    if len(data) < MIN_CLIP_SECONDS * rate:
+        raise AudioError(
+            f"audio file {path} holds {len(data)} samples ({1000 * len(data) / rate:.0f} ms at {rate} Hz); "
+            f"a clip needs at least {1000 * MIN_CLIP_SECONDS:.0f} ms, so record it again or remove it"
+        )
     wav = data.mean(axis=1)
     if sample_rate is not None and rate != sample_rate:
         wav, rate = resample(wav, rate, sample_rate), sample_rate
