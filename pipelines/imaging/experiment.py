@@ -29,6 +29,7 @@ from pipelines.imaging.data import (
     make_dataset,
     subsample,
 )
+from pipelines.imaging.head_facts import head_facts, operating_point, write_head_facts
 from pipelines.imaging.methods import build_classifier, default_spec, resolve_targets
 from pipelines.imaging.metrics import DEFAULT_METRICS, youden_threshold
 from pipelines.imaging.model import HEAD, classification_loss, predict_scores
@@ -216,6 +217,10 @@ class ImagingExperiment:
         final = self.recipe.stages[-1]
         adapter: dict[str, Any] = {}
         folder = models[primary].adapters.get(final.name)
+        if folder is not None:  # the operating point beside the tensors (load_adapter restores it)
+            threshold = models[primary].details.get("evaluate", {}).get("threshold")
+            point = operating_point(threshold, "val", len(self.val))
+            write_head_facts(folder, head_facts(self.task, point, self.data_info.get("classes")))
         if final.adapter is not None and folder is not None:
             size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             adapter = {"method": final.adapter.method, "spec": spec_to_dict(final.adapter),

@@ -21,6 +21,7 @@ From lab code::
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ from pipelines.imaging.data import (
     collate,
     make_dataset,
 )
+from pipelines.imaging.head_facts import FACTS, head_facts, operating_point, read_head_facts, write_head_facts
 from pipelines.imaging.methods import BASELINES, build_classifier
 from pipelines.imaging.metrics import DEFAULT_METRICS  # importing it registers sensitivity/specificity
 from pipelines.imaging.model import HEAD, predict_scores
@@ -117,7 +119,13 @@ class ImagingClassificationPipeline:
         self.update_batchnorm_stats = update_batchnorm_stats
         self.recipe, self.options = recipe, options or ImagingOptions()
         self.model = None
-        self.threshold: float | None = None
+        self.operating_point: dict | None = None  # the binary threshold and how it was chosen (head_facts)
+        self.classes: list[str] | None = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The fitted or loaded model's binary threshold (None: ``evaluate`` calls scores >= 0.5 positive)."""
+        return self.operating_point["threshold"] if self.operating_point else None
 
     @classmethod
     def check_recipe(cls, recipe: Any) -> list[tuple[str, str]]:
@@ -201,7 +209,8 @@ class ImagingClassificationPipeline:
         hooks, stage = ImagingExperiment.for_datasets(self, train_set, val_set, run_dir is not None)
         root = Path(run_dir) if run_dir is not None else Path()
         trained = train_candidate(hooks, [stage], self.name, root, False, self.seed, False)
-        self.threshold = trained.details["evaluate"].get("threshold", self.threshold)
+        threshold = trained.details["evaluate"].get("threshold")
+        self.operating_point = operating_point(threshold, "val", len(val_set) if val_set is not None else 0)
         return trained.results[0]
 
     def _loader(self, dataset) -> DataLoader:
@@ -223,17 +232,34 @@ class ImagingClassificationPipeline:
         return evaluate(self.task, y_true, y_score, self.metrics, self.bootstrap, self.seed, threshold)
 
     def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter and head (native format, safetensors) into ``directory``."""
+        """Write the adapter and head (native format, safetensors) and ``imaging_head.json`` (the operating
+        point and class names, :mod:`pipelines.imaging.head_facts`) into ``directory``."""
         if self.model is None or self.resolved_adapter is None:
             raise RuntimeError("there is no trained adapter to save; fit() an adapter method first")
-        return save_adapter(self.model, directory, name=self.name, extra=[HEAD])
+        folder = save_adapter(self.model, directory, name=self.name, extra=[HEAD])
+        write_head_facts(folder, head_facts(self.task, self.operating_point, self.classes))
+        return folder
 
     def load_adapter(self, directory: str | Path):
-        """Build a fresh model and load an adapter saved by :meth:`save_adapter` into it."""
+        """Build a fresh model, load an adapter saved by :meth:`save_adapter` or a recipe run
+        (``<run>/adapters/<stage>``) into it and restore its operating point and class names."""
+        facts = read_head_facts(Path(directory))
+        if facts is not None and facts["task"] != self.task:
+            raise ValueError(
+                f"{directory} holds a {facts['task']} model; create the pipeline with task='{facts['task']}'"
+            )
         backbone = self.load_backbone()
         model, _ = build_classifier(backbone, "linear_probe", None, self._outputs(), self.task, self.name)
         self.name = load_adapter(model, directory)
+        if facts is None:
+            warnings.warn(
+                f"{directory} has no {FACTS} (saved by an older version); evaluate() calls scores >= 0.5 "
+                "positive, not the validation threshold the model was trained with",
+                stacklevel=2,
+            )
         self.model, self.resolved_adapter = model, adapter_specs(model)[self.name]
+        self.operating_point = (facts or {}).get("operating_point")
+        self.classes = (facts or {}).get("classes")
         return model
 
     # ----- recipe path --------------------------------------------------------------------------------

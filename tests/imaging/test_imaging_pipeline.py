@@ -244,3 +244,48 @@ def test_norm_tuning_adapts_norm_layers_with_fused_activations():
     model = build_classifier(backbone, "adapter", NormTuning(), 2, "binary", "task")[0].eval()
     adapted = {type(m.base_layer).__name__ for m in model.modules() if isinstance(m, AdaptedLayer)}
     assert adapted == {"BatchNormAct2d"}  # the activation after each norm is kept by the core adapter
+
+
+def _metric_values(report) -> dict:
+    return {name: (m.value, m.low, m.high) for name, m in report.metrics.items()}
+
+
+def test_a_saved_adapter_keeps_its_validation_threshold_and_scores_the_same(tmp_path, tiny_vit):
+    images, labels = _images(60, 16, 0)
+    records = [{"image": x[None], "label": int(y)} for x, y in zip(images, labels[:, 0], strict=True)]
+    train, val, test = records[:24], records[24:40], records[40:]
+    options = {
+        "backbone": "timm:vit_tiny_patch16_224", "backbone_options": tiny_vit, "bootstrap": 20,
+        "adapter": {"method": "lora", "r": 2}, "transforms": {"image_size": 32, "augment": False},
+    }  # fmt: skip
+    pipe = create_pipeline("imaging/classification", train={"epochs": 1, "batch_size": 8}, **options)
+    pipe.fit(train, val)
+    before = pipe.evaluate(test)
+    assert pipe.threshold != 0.5 and before.threshold == pipe.threshold
+    saved = pipe.save_adapter(tmp_path / "task")
+    facts = json.loads((saved / "imaging_head.json").read_text())
+    assert facts["operating_point"] == {"threshold": pipe.threshold, "chosen_by": "youden_j", "split": "val",
+                                        "examples": 16}  # fmt: skip
+    other = create_pipeline("imaging/classification", **{**options, "backbone": pipe.backbone})
+    other.load_adapter(saved)
+    assert other.threshold == pipe.threshold
+    assert _metric_values(other.evaluate(test)) == _metric_values(before)
+
+
+def test_a_recipe_runs_adapter_folder_reloads_with_the_reports_operating_point(tmp_path, npz_file, tiny_vit):
+    from pipelines.core.recipe import load_recipe
+    from pipelines.imaging.data import load_dataset_splits
+    from pipelines.imaging.pipeline import ImagingClassificationPipeline
+
+    recipe = load_recipe(_recipe(tmp_path, npz_file, tiny_vit, "[]"))
+    pipe = ImagingClassificationPipeline.from_recipe(recipe)
+    result = pipe.run(tmp_path / "run")
+    facts = json.loads((tmp_path / "run" / "adapters" / "task" / "imaging_head.json").read_text())
+    assert facts["task"] == "binary" and facts["operating_point"]["split"] == "val"
+    assert facts["operating_point"]["examples"] == 16
+    lab = create_pipeline("imaging/classification", backbone=pipe.backbone, bootstrap=50,
+                          transforms=pipe.options.data.transforms)  # fmt: skip
+    lab.load_adapter(tmp_path / "run" / "adapters" / "task")
+    assert lab.threshold == result.results["lora"].threshold
+    test = load_dataset_splits(None, str(npz_file))[0]["test"]
+    assert _metric_values(lab.evaluate(test)) == _metric_values(result.results["lora"])
