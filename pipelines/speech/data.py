@@ -30,6 +30,7 @@ __all__ = [
     "Example",
     "fsdd_utterances",
     "folder_utterances",
+    "transcript_digit",
     "split_fsdd",
     "text_to_ids",
     "uniform_durations",
@@ -108,38 +109,82 @@ def split_fsdd(utterances: list[Utterance], split: str) -> list[Utterance]:
     return [u for u in utterances if (u.index in FSDD_TEST_INDICES) == want_test]
 
 
-def folder_utterances(folder: str | Path, speaker: str = "target") -> list[Utterance]:
-    """Utterances of a folder of WAV files with transcripts.
+def _utf8_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
-    Transcripts come from ``metadata.csv`` (LJSpeech style, ``file_id|text`` per line) when present,
-    otherwise from a ``.txt`` or ``.lab`` file beside each WAV.
+
+def _metadata_texts(metadata: Path, stems: set[str]) -> dict[str, str]:
+    """{file stem: transcript} of a ``metadata.csv``, each line checked (see :func:`folder_utterances`)."""
+    lines = _utf8_text(metadata).splitlines()
+    texts: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for number, row in enumerate(csv.reader(lines, delimiter="|", quoting=csv.QUOTE_NONE), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        where = f"{metadata} line {number}"
+        if len(row) not in (2, 3):
+            raise ValueError(
+                f"{where} has {len(row)} column(s); write 'file name|transcript' (LJSpeech's "
+                "'name|text|normalised text' also works)"
+            )
+        stem, text = Path(row[0].strip()).stem, row[-1].strip()
+        if stem not in stems:
+            header = " (metadata.csv has no header line)" if number == 1 else ""
+            raise ValueError(
+                f"{where} names '{row[0].strip()}', which is not a .wav file in {metadata.parent}{header}; "
+                "fix the name or remove the line"
+            )
+        if stem in first_line:
+            raise ValueError(f"{where} lists '{stem}' again (first on line {first_line[stem]}); keep one")
+        if not text:
+            raise ValueError(f"{where} has an empty transcript for '{stem}'; write what the clip says")
+        texts[stem], first_line[stem] = text, number
+    return texts
+
+
+def transcript_digit(text: str) -> int | None:
+    """The digit a transcript says when it is one digit word or one digit ("Seven.", "7"), else None."""
+    normal = normalize_text(text)
+    return DIGIT_WORDS.index(normal) if normal in DIGIT_WORDS else None
+
+
+def folder_utterances(folder: str | Path, speaker: str = "target") -> list[Utterance]:
+    """Utterances of a speaker folder: its WAV files and their transcripts.
+
+    Transcripts come from ``metadata.csv`` in the folder when present (the LJSpeech convention: UTF-8,
+    no header, one line per clip ``file name|transcript``, the name with or without ``.wav``; of
+    LJSpeech's three columns the last, the normalised text, is read), otherwise from a ``.txt`` or
+    ``.lab`` file beside each WAV. A transcript that is one digit word or digit sets the clip's digit, so
+    intelligibility scores it.
 
     Raises:
-        FileNotFoundError: The folder holds no WAV file, or a WAV file has no transcript.
+        FileNotFoundError: The folder does not exist or holds no WAV file, or a WAV file has no transcript.
+        ValueError: A ``metadata.csv`` line lacks a column, names a file that is not in the folder,
+            repeats one, or has an empty transcript; or the file is not UTF-8.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"speaker folder {folder} does not exist; give a folder of WAV files")
     wavs = sorted(folder.glob("*.wav"))
     if not wavs:
         raise FileNotFoundError(f"no .wav files in {folder}; pass a folder of WAV files with transcripts")
-    texts: dict[str, str] = {}
     metadata = folder / "metadata.csv"
-    if metadata.is_file():
-        with open(metadata, newline="", encoding="utf-8") as handle:
-            for row in csv.reader(handle, delimiter="|", quoting=csv.QUOTE_NONE):
-                if len(row) >= 2:
-                    texts[Path(row[0]).stem] = row[-1]
+    texts = _metadata_texts(metadata, {w.stem for w in wavs}) if metadata.is_file() else {}
     utterances = []
     for wav in wavs:
         text = texts.get(wav.stem)
-        for suffix in (".txt", ".lab"):
-            if text is None and wav.with_suffix(suffix).is_file():
-                text = wav.with_suffix(suffix).read_text(encoding="utf-8").strip()
-        if text is None:
+        for side in (wav.with_suffix(".txt"), wav.with_suffix(".lab")):
+            if text is None and side.is_file():
+                text = _utf8_text(side).strip()
+        if not text:
             raise FileNotFoundError(
-                f"no transcript for {wav}; add a line '{wav.stem}|text' to {metadata} "
-                f"or a file {wav.stem}.txt"
+                f"no transcript for {wav}; add a line '{wav.stem}|what it says' to {metadata}"
+                + ("" if metadata.is_file() else f" or a file {wav.stem}.txt beside it")
             )
-        utterances.append(Utterance(wav, text, speaker))
+        utterances.append(Utterance(wav, text, speaker, transcript_digit(text)))
     return utterances
 
 

@@ -31,10 +31,10 @@ class FsddSession:
         return speakers.index(speaker) if speaker in speakers else 0
 
     def examples(self, utterances: list[Utterance]) -> list[Example]:
-        """Featurised examples (cached by file name) with base-model speaker ids."""
+        """Featurised examples (cached by file path) with base-model speaker ids (0 for other speakers)."""
         out = []
         for utterance in utterances:
-            key = utterance.path.name
+            key = utterance.path
             if key not in self._examples:
                 self._examples[key] = load_example(utterance, self._speaker_id(utterance.speaker))
             out.append(self._examples[key])

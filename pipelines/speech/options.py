@@ -65,13 +65,14 @@ class AdaptationDataOptions(BaseModel):
     samples: int = Field(3, ge=0, description="Synthesised WAV files written per model beside the report.")
     speaker_folder: str | None = Field(
         None,
-        description="transformers backbones: a folder of the new speaker's WAV files with transcripts "
-        "(metadata.csv 'id|text' or a .txt beside each) instead of an FSDD speaker.",
+        description="A folder of the new speaker's WAV files instead of an FSDD speaker, with a "
+        "metadata.csv (UTF-8, no header, one 'file name|transcript' line per WAV, as LJSpeech) or a .txt "
+        "beside each WAV; a transcript that is one digit word is scored for intelligibility.",
     )
     test_folder: str | None = Field(
         None,
-        description="transformers backbones: held-out WAV files with transcripts to score "
-        "(with speaker_folder).",
+        description="Held-out WAV files of the same speaker to score, laid out as speaker_folder "
+        "(required with it; no clip in both).",
     )
     plot_clips: int = Field(3, ge=1, description="Utterances in the mel-spectrogram figure.")
     evaluators: bool = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from pipelines.speech.audio import AUDIO, write_wav
+from pipelines.speech.backbones import BaseSettings
 from pipelines.speech.data import (
     VOCAB,
     collate_examples,
@@ -20,6 +22,9 @@ from pipelines.speech.data import (
     text_to_ids,
     uniform_durations,
 )
+from pipelines.speech.fsdd import FsddSession
+from pipelines.speech.options import AdaptationDataOptions
+from pipelines.speech.targets import target_clips
 
 MIRROR = Path(os.environ.get("PEFT_PIPELINES_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
@@ -89,3 +94,46 @@ def test_fsdd_has_six_speakers_and_the_official_split():
         0,
         0,
     )
+
+
+def _user_folders(root: Path) -> tuple[Path, Path]:
+    train, test = root / "train", root / "test"
+    for folder, lines in ((train, "a|seven\nb|Hello.\n"), (test, "c|2\n")):
+        folder.mkdir()
+        for line in lines.splitlines():
+            _write_clip(folder / f"{line.split('|')[0]}.wav")
+        (folder / "metadata.csv").write_text(lines, encoding="utf-8")
+    return train, test
+
+
+def test_target_clips_of_a_users_folders_carry_their_digits_and_checksums(tmp_path):
+    train, test = _user_folders(tmp_path)
+    data = AdaptationDataOptions(speaker_folder=str(train), test_folder=str(test))
+    target = target_clips(FsddSession(BaseSettings()), data, "yweweler", ["george"], "me")
+    assert target.speaker == "me"
+    assert [(e.utterance.path.name, e.utterance.digit, e.speaker) for e in target.candidates] == [
+        ("a.wav", 7, 0),
+        ("b.wav", None, 0),
+    ]
+    assert [(e.utterance.path.name, e.utterance.digit) for e in target.test] == [("c.wav", 2)]
+    assert [u.path.name for u in target.takes_from] == ["a.wav", "b.wav", "c.wav"]
+    # a folder's checksum: its files' bytes in sorted name order
+    files = {train: ("a.wav", "b.wav", "metadata.csv"), test: ("c.wav", "metadata.csv")}
+    digests = {
+        f: hashlib.sha256(b"".join((f / n).read_bytes() for n in names)).hexdigest()
+        for f, names in files.items()
+    }
+    assert target.info == {"name": str(train), "sha256": digests[train], "test_folder": str(test),
+                           "test_sha256": digests[test], "target_speaker": "me"}  # fmt: skip
+
+
+def test_target_clips_refuse_a_folder_without_held_out_clips(tmp_path):
+    train, _ = _user_folders(tmp_path)
+    session = FsddSession(BaseSettings())
+    with pytest.raises(ValueError, match="speaker_folder needs data.options.test_folder"):
+        target_clips(session, AdaptationDataOptions(speaker_folder=str(train)), "yweweler", [], "me")
+    same = AdaptationDataOptions(speaker_folder=str(train), test_folder=str(train))
+    with pytest.raises(ValueError, match=r"test_folder shares 2 clip\(s\) with speaker_folder \(a.wav"):
+        target_clips(session, same, "yweweler", [], "me")
+    with pytest.raises(ValueError, match="target_speaker 'george' is one of the base speakers"):
+        target_clips(session, AdaptationDataOptions(target_speaker="george"), "yweweler", ["george"], "me")

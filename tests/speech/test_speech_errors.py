@@ -11,7 +11,7 @@ import yaml
 
 from pipelines import cli
 from pipelines.speech.audio import AudioError, load_wav, write_wav
-from pipelines.speech.data import Utterance, load_example
+from pipelines.speech.data import Utterance, folder_utterances, load_example
 
 RECIPES = Path(__file__).resolve().parents[2] / "pipelines" / "recipes" / "speech"
 
@@ -63,6 +63,57 @@ def test_a_missing_audio_file_is_named(tmp_path):
         load_wav(tmp_path / "gone.wav")
 
 
+def _folder(folder: Path, names=("a", "b"), metadata: str | None = None) -> Path:
+    folder.mkdir()
+    for name in names:
+        _clip(folder / f"{name}.wav")
+    if metadata is not None:
+        (folder / "metadata.csv").write_text(metadata, encoding="utf-8")
+    return folder
+
+
+def test_metadata_csv_in_the_ljspeech_convention(tmp_path):
+    folder = _folder(tmp_path / "me", ("a", "b", "c"), "a|Seven.\nb.wav|hello there\n\nc|7 raw|seven\n")
+    utterances = folder_utterances(folder, speaker="me")
+    assert [(u.path.name, u.text, u.speaker, u.digit) for u in utterances] == [
+        ("a.wav", "Seven.", "me", 7),
+        ("b.wav", "hello there", "me", None),
+        ("c.wav", "seven", "me", 7),  # of LJSpeech's three columns, the normalised text
+    ]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ("a|one\nb\n", r"metadata\.csv line 2 has 1 column\(s\); write 'file name\|transcript'"),
+        ("a|one\nb|two|2|x\n", r"metadata\.csv line 2 has 4 column\(s\)"),
+        ("a|one\nzz|two\n", r"line 2 names 'zz', which is not a \.wav file in .*me; fix the name or remove"),
+        ("file|text\na|one\n", r"line 1 names 'file', .* \(metadata\.csv has no header line\)"),
+        ("a|one\nb|two\na|three\n", r"line 3 lists 'a' again \(first on line 1\)"),
+        ("a|one\nb| \n", r"line 2 has an empty transcript for 'b'"),
+        ("a|one\n", r"no transcript for .*b\.wav; add a line 'b\|what it says' to .*metadata\.csv$"),
+    ],
+)  # fmt: skip
+def test_metadata_csv_faults_name_the_line_and_the_fix(tmp_path, metadata, expected):
+    folder = _folder(tmp_path / "me", metadata=metadata)
+    with pytest.raises((ValueError, FileNotFoundError), match=expected):
+        folder_utterances(folder)
+
+
+def test_folder_faults_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"speaker folder .*nowhere does not exist"):
+        folder_utterances(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no \.wav files in .*empty"):
+        folder_utterances(tmp_path / "empty")
+    folder = _folder(tmp_path / "me", ("a",))
+    with pytest.raises(FileNotFoundError, match=r"no transcript for .*a\.wav; .* or a file a\.txt beside it"):
+        folder_utterances(folder)
+    (folder / "metadata.csv").write_bytes("a|sept\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"metadata\.csv is not UTF-8 text \(byte 6\); save it as UTF-8"):
+        folder_utterances(folder)
+
+
 def _one_line_error(capsys, argv: list[str]) -> str:
     """Run the command line; assert it fails with exactly one line on stderr and return that line."""
     capsys.readouterr()
@@ -76,15 +127,13 @@ def _one_line_error(capsys, argv: list[str]) -> str:
     ("damage", "expected"),
     [
         (lambda f: _truncated(f / "b.wav", 100), r"audio file .*train/b\.wav is truncated"),
+        (lambda f: (f / "metadata.csv").write_text("a|one\nc|two\n"), r"line 2 names 'c', which is not"),
+        (lambda f: (f / "metadata.csv").write_text("a|one\nb\n"), r"line 2 has 1 column\(s\)"),
     ],
 )
 def test_a_recipe_with_a_bad_speaker_folder_fails_in_one_line(tmp_path, capsys, damage, expected):
-    train, test = tmp_path / "train", tmp_path / "test"
-    for folder, names in ((train, "ab"), (test, "c")):
-        folder.mkdir()
-        for name in names:
-            _clip(folder / f"{name}.wav")
-            (folder / f"{name}.txt").write_text("one")
+    train = _folder(tmp_path / "train", metadata="a|one\nb|two\n")
+    test = _folder(tmp_path / "test", ("c",), metadata="c|three\n")
     damage(train)
     recipe = yaml.safe_load((RECIPES / "speecht5_speaker_adapter.yaml").read_text())
     recipe["output_dir"] = str(tmp_path / "runs")
