@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,8 @@ __all__ = [
     "folder_records",
     "csv_records",
     "label_key",
+    "class_counts",
+    "check_classes",
     "subsample",
     "split_records",
     "build_transforms",
@@ -150,13 +152,42 @@ def folder_records(root: Path) -> tuple[list[dict], list[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; lay images out as {root}/<class>/<image>")
-    records = [
-        {"image": str(path), "label": index}
-        for index, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS)
-    ]
+    records = []
+    for index, name in enumerate(classes):
+        images = [p for p in sorted((root / name).rglob("*")) if p.is_file() and _is_image_name(p)]
+        if not images:
+            raise ValueError(
+                f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); add its images "
+                "or remove the folder"
+            )
+        records += [{"image": str(path), "label": index} for path in images]
     return records, classes
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def class_counts(records: list[dict], classes: list[str] | None = None) -> dict[str, int]:
+    """Images per class, by class name when ``classes`` is given (else ``label <i>``), in label order."""
+    counts = Counter(label_key(record) for record in records)
+    return {(classes[k] if classes else f"label {k}"): counts[k] for k in sorted(counts)}
+
+
+def check_classes(split: str, records: list[dict], where: str, classes: list[str] | None = None) -> None:
+    """Refuse a split with no images, or with images of one class only (a classifier cannot learn or be
+    scored on it), naming the split and its class counts."""
+    if not records:
+        raise ValueError(f"{where}: split '{split}' has no images; every split needs images of each class")
+    if not isinstance(records[0]["label"], (int, np.integer)):
+        return  # multilabel rows: every row may carry several labels
+    counts = class_counts(records, classes)
+    if len(counts) < 2:
+        shown = ", ".join(f"{name}: {n}" for name, n in counts.items())
+        raise ValueError(
+            f"{where}: split '{split}' has images of one class only ({shown}); a classifier needs at least "
+            "two classes in every split: add images (a class sub-folder) of the other classes"
+        )
 
 
 def csv_records(path: Path, image_column: str = "image", label_column: str = "label") -> list[dict]:
@@ -331,5 +362,7 @@ def load_dataset_splits(
         splits, info["kind"] = split_records(csv_records(source), seed=seed), "csv"
     else:
         raise ValueError(f"data.options.path {source} is neither an .npz, a folder nor a .csv")
+    for name in ("train", "val", "test"):
+        check_classes(name, splits.get(name, []), str(source), info.get("classes"))
     info["splits"] = {name: len(records) for name, records in splits.items()}
     return splits, info

@@ -36,6 +36,7 @@ from pipelines.imaging.data import (
     PNEUMONIAMNIST,
     TransformOptions,
     build_transforms,
+    check_classes,
     collate,
     make_dataset,
 )
@@ -206,6 +207,10 @@ class ImagingClassificationPipeline:
 
         train_set = self._dataset(train_data, True)
         val_set = self._dataset(val, False) if val is not None else None
+        for split, dataset in (("train", train_set), ("val", val_set)):
+            records = getattr(dataset, "data", None)  # a MONAI dataset's records; other datasets are not read
+            if isinstance(records, list) and (not records or isinstance(records[0], dict)):
+                check_classes(split, records, "fit()", self.classes)
         hooks, stage = ImagingExperiment.for_datasets(self, train_set, val_set, run_dir is not None)
         root = Path(run_dir) if run_dir is not None else Path()
         trained = train_candidate(hooks, [stage], self.name, root, False, self.seed, False)
