@@ -9,7 +9,8 @@ import torch
 from pipelines.core.peft import disable_adapters, spec_to_dict
 from pipelines.speech.audio import load_wav
 from pipelines.speech.data import Example, collate_examples, peak_normalize
-from pipelines.speech.scoring import Synthesis, plot_mels, score_waveforms, write_samples
+from pipelines.speech.plots import plot_mels
+from pipelines.speech.scoring import Synthesis, score_waveforms, write_samples
 
 __all__ = [
     "adapter_facts",

@@ -31,6 +31,7 @@ from pipelines.speech.metrics import (
     world_features,
 )
 from pipelines.speech.pitch import gross_pitch_error, log_f0_rmse, voiced_coverage, voicing_decision_error
+from pipelines.speech.plots import plot_mels  # the report's mel grid, kept importable from here
 
 __all__ = [
     "SCORE_COLUMNS",
@@ -302,36 +303,6 @@ def unscored_notes(summaries: dict[str, dict[str, dict]]) -> list[str]:
                 f"Utterances not scored, {model}: " + ", ".join(parts) + "; its means leave them out."
             )
     return lines or ["Every metric scored every test utterance of every model."]
-
-
-def plot_mels(
-    path: Path, reference: list[torch.Tensor], synthesized: dict[str, list[torch.Tensor]], titles: list[str]
-) -> Path:
-    """A grid of log-mels: one row per utterance, the recording then each model's synthesis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = 1 + len(synthesized)
-    figure, axes = plt.subplots(
-        len(reference), columns, figsize=(2.6 * columns, 2.0 * len(reference)), squeeze=False
-    )
-    for row, mel in enumerate(reference):
-        panels = [("recording", mel)] + [(label, mels[row]) for label, mels in synthesized.items()]
-        for column, (label, panel) in enumerate(panels):
-            axis = axes[row][column]
-            axis.imshow(
-                np.asarray(panel).T, origin="lower", aspect="auto", vmin=-11.5, vmax=2.0, cmap="magma"
-            )
-            axis.set_title(f"{label}: {titles[row]}" if column == 0 else label, fontsize=8)
-            axis.set_xticks([])
-            axis.set_yticks([])
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
 
 
 def write_samples(

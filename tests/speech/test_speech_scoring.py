@@ -112,3 +112,33 @@ def test_the_speaker_id_evaluator_never_sees_the_held_out_speaker(tmp_path, monk
     assert evaluators.meta["speaker_id"]["never_heard"] == ["yweweler"]
     all_mean = torch.cat([e.mel[:, :bins] for e in train]).mean(dim=0)
     torch.testing.assert_close(evaluators.digit.mean, all_mean)
+
+
+def test_mel_bin_frequencies_are_the_filterbank_peaks():
+    import torchaudio.functional as F
+
+    from pipelines.speech.audio import AUDIO
+    from pipelines.speech.plots import mel_bin_frequencies
+
+    fbanks = F.melscale_fbanks(513, 0.0, 8000.0, 80, 22050, norm="slaney", mel_scale="slaney")
+    peaks_hz = fbanks.argmax(dim=0).numpy() * 22050 / 1024
+    assert np.abs(mel_bin_frequencies(AUDIO) - peaks_hz).max() <= 22050 / 1024
+
+
+def test_mel_grid_has_time_and_frequency_axes_and_a_db_colour_bar():
+    from pipelines.speech.plots import mel_figure
+
+    mel = torch.linspace(-11.0, 1.0, 43 * 80).reshape(43, 80)
+    figure = mel_figure([mel], {"speaker": [mel[:30]]}, ["7_me_0"])
+    recording, synthesis, bar = figure.axes
+    image = recording.get_images()[0]
+    np.testing.assert_allclose(image.get_array(), 20 * np.log10(np.exp(mel.double().numpy().T)), rtol=1e-6)
+    assert image.get_extent()[:2] == [0.0, pytest.approx(43 * 256 / 22050)]
+    assert synthesis.get_images()[0].get_extent()[1] == pytest.approx(30 * 256 / 22050)
+    assert recording.get_xlabel() == "time (s)" and recording.get_ylabel() == "frequency (Hz, mel scale)"
+    labels = [t.get_text() for t in recording.get_yticklabels()]
+    assert labels == ["250", "500", "1000", "2000", "4000"]  # 8000 Hz lies above the top bin's centre
+    assert "dB" in bar.get_ylabel() and bar.get_ylim() == (-100.0, 20.0)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
