@@ -47,8 +47,9 @@ from pipelines.clinical.stages import (
     stage_options,
 )
 from pipelines.clinical.tokens import PadCollate
-from pipelines.core.experiment import ExperimentData, StagePlan, Trained
-from pipelines.core.peft import adapter_names, spec_to_dict
+from pipelines.core.experiment import ExperimentData, StagePlan, Trained, compare_label
+from pipelines.core.experiment.engine import compare_stages
+from pipelines.core.peft import adapter_names, spec_to_dict, wrappers
 
 __all__ = ["ClinicalExperiment", "load_recipe_notes"]
 
@@ -122,6 +123,7 @@ class ClinicalExperiment:
         self.tokenizer = self.pipe.backbone.tokenizer
         self._lap("load_backbone")
         self.cache_model = self.new_model()  # computes the cached prefix states; never trained
+        self._check_compare_specs()
         lm_stages = [s for s in recipe.stages if s.objective == "causal_lm"]
         if lm_stages:
             # Packed only as far as the stages read (max_blocks) and the perplexity needs (eval_blocks).
@@ -143,6 +145,19 @@ class ClinicalExperiment:
         labels = [tuple(np.atleast_1d(notes.labels[i]).tolist()) for i in full["train"]]
         self.info = info
         return ExperimentData(self.task, len(full["train"]), labels, info)
+
+    def _check_compare_specs(self) -> None:
+        """Refuse, before anything trains, a compare spec the model cannot hold: a target that matches no LM
+        module, or an adapter below the cached layers (the classification sets' cached states)."""
+        for index, entry in enumerate(self.recipe.compare):
+            if isinstance(entry, str):
+                continue
+            stage = compare_stages(self.recipe, entry)[0]
+            try:
+                spec = lm_adapter(self.cache_model, stage.adapter, stage.name)
+                check_cached_layers(self.cache_model, [t.removeprefix("lm.") for t in spec.targets])
+            except StageError as error:
+                raise StageError(f"compare.{index}: {error}") from None
 
     def keep_training(self, indices: list[int]) -> None:
         """The engine's low-data draw, then the stratified caps; writes the split ids to splits.json."""
@@ -300,8 +315,23 @@ class ClinicalExperiment:
                 "perplexity": perplexity,
                 "perplexity_change": self.change,
                 "stages": [_stage_summary(s) for s in self.recipe.stages],
+                "baselines": self._spec_facts(models),
             },
         }
+
+    def _spec_facts(self, models: dict[str, Trained]) -> dict[str, dict]:
+        """What each compare spec trained: the spec as written and the LM modules its adapter went on."""
+        facts = {}
+        for entry in self.recipe.compare:
+            label = compare_label(entry)
+            if isinstance(entry, str) or models.get(label) is None or models[label].model is None:
+                continue
+            modules = [path.removeprefix("lm.") for path, wrapper in wrappers(models[label].model)
+                       if label in wrapper.adapters]  # fmt: skip
+            last = self.recipe.stages[-1]
+            facts[label] = {"adapter": spec_to_dict(entry), "adapted_modules": modules,
+                            "stage": {"like": last.name, "objective": last.objective}}  # fmt: skip
+        return facts
 
     def _notes(self) -> list[str]:
         out = []
@@ -313,6 +343,14 @@ class ClinicalExperiment:
                 f"packed from test-split notes (never trained on); stage 1 trained on "
                 f"{self.lm_sets[first.max_length].blocks.shape[0]} blocks from training-split notes."
             )
+        last = self.recipe.stages[-1]
+        out += [
+            f"Compare entry '{compare_label(entry)}' trained as the last stage ('{last.name}', "
+            f"{last.objective}: its notes, training settings and steps) with only this adapter and the head, "
+            "on the backbone without the earlier stages' adapters."
+            for entry in self.recipe.compare
+            if not isinstance(entry, str)
+        ]
         out += _dataset_notes(self.notes)
         if self.pipe.backbone.info.get("source") == "random":
             out.append("The backbone has random weights (a test model): the numbers say nothing clinical.")

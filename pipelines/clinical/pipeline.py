@@ -6,7 +6,8 @@ The paper's four variants are recipe settings: (a) no domain stage; (b) stage 2 
 From a recipe, ``run`` goes through the core experiment engine with this domain's hooks
 (:mod:`pipelines.clinical.experiment`): it also trains the baselines in ``compare`` (``head_only``: the
 frozen backbone and a head; ``single_stage_lora``: the classification stages alone, without domain
-adaptation) on the same data, seed and budget, and reports held-out perplexity before and after each
+adaptation; an adapter spec: the last stage, a classification stage, with that adapter alone on the bare
+backbone) on the same data, seed and budget, and reports held-out perplexity before and after each
 causal-LM stage. Lab code's ``fit`` trains its stages through the same engine function.
 
 From lab code::
@@ -35,6 +36,8 @@ from pipelines.clinical.notes_file import notes_from_frame
 from pipelines.clinical.options import BackboneOptions, ClinicalOptions, StageOptions, as_model
 from pipelines.clinical.stages import (
     HEAD,
+    PROMPT_CACHE_REASON,
+    PROMPT_METHODS,
     Stage,
     StageError,
     as_section,
@@ -79,6 +82,7 @@ class ClinicalTwoStagePipeline:
 
     OBJECTIVES = ("causal_lm", "classification")
     BASELINES = BASELINES
+    SPEC_BASELINES = True  # a compare spec trains as the last (classification) stage, its adapter alone
     DATASETS = (MTSAMPLES.name,)
 
     def __init__(
@@ -182,15 +186,29 @@ class ClinicalTwoStagePipeline:
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> list[tuple[str, str]]:
-        """Refuse ``data.shots_per_class`` on a multilabel task (a note has several classes)."""
+        """Refuse what no run could do: ``data.shots_per_class`` on a multilabel task (a note has several
+        classes), a compare spec when the last stage trains no head, and prefix tuning or P-tuning with
+        cached layers."""
+        problems = []
         task_name = (recipe.data.options or {}).get("task_name")
         multilabel = recipe.data.task == "multilabel" or (
             recipe.data.dataset == "mtsamples" and task_name == "specialties_multilabel"
         )
         if recipe.data.shots_per_class is not None and multilabel:
-            return [("data.shots_per_class", "a multilabel note has several classes, so shots per class are "
-                     "undefined; use data.fraction or data.options.max_train")]  # fmt: skip
-        return []
+            problems.append(("data.shots_per_class", "a multilabel note has several classes, so shots per "
+                             "class are undefined; use data.fraction or data.options.max_train"))  # fmt: skip
+        last = recipe.stages[-1]
+        specs = [(f"compare.{i}", e) for i, e in enumerate(recipe.compare) if not isinstance(e, str)]
+        if specs and last.objective != "classification":
+            problems.append((specs[0][0], f"an adapter spec in compare trains as the last stage, and stage "
+                             f"'{last.name}' is {last.objective}, which trains no head; end the stages with "
+                             "a classification stage or name a baseline"))  # fmt: skip
+        cached = (recipe.backbone.options or {}).get("cached_layers") or 0
+        adapters = [(f"stages.{i}.adapter.method", s.adapter) for i, s in enumerate(recipe.stages)]
+        for path, spec in adapters + [(f"{path}.method", spec) for path, spec in specs]:
+            if cached and spec is not None and spec.method in PROMPT_METHODS:
+                problems.append((path, PROMPT_CACHE_REASON.format(method=spec.method, cached=cached)))
+        return problems
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> ClinicalTwoStagePipeline:

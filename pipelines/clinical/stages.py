@@ -38,6 +38,8 @@ from pipelines.core.training import TrainConfig
 
 __all__ = [
     "HEAD",
+    "PROMPT_CACHE_REASON",
+    "PROMPT_METHODS",
     "Stage",
     "StageError",
     "as_section",
@@ -59,6 +61,13 @@ __all__ = [
 
 HEAD = "classifier"  # the head's module name in ClinicalModel and its folder next to the adapters
 WEIGHTS = "adapter_model.safetensors"
+# Methods whose adapter changes what every decoder layer reads, so no layer's output can be cached.
+PROMPT_METHODS = ("prefix", "ptuning")
+PROMPT_CACHE_REASON = (
+    "{method} changes what every decoder layer reads (prefix tuning: each attention layer's keys and values; "
+    "P-tuning: prompt tokens before the note), so no layer's output can be cached; set "
+    "backbone.options.cached_layers: 0 (it is {cached})"
+)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -153,9 +162,14 @@ def lm_data(
 
 def lm_adapter(model: ClinicalModel, spec: Any, stage: str) -> Any:
     """The stage's adapter with its targets (module names of the LM) resolved to the modules they select,
-    written as paths of ``model`` (``lm.<path>``): the adapter lives in the LM, never on the head."""
+    written as paths of ``model`` (``lm.<path>``): the adapter lives in the LM, never on the head. Refuses
+    prefix tuning and P-tuning on a model with cached layers."""
     if spec is None:
         return None
+    if spec.method in PROMPT_METHODS and model.cached_layers:
+        raise StageError(
+            f"stage '{stage}': " + PROMPT_CACHE_REASON.format(method=spec.method, cached=model.cached_layers)
+        )
     if not spec.targets:
         raise StageError(f"stage '{stage}': give adapter.targets (LM module names, e.g. [q_proj, v_proj])")
     modules = list(logical_modules(model.lm))
