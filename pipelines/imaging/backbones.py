@@ -219,7 +219,24 @@ def _transformers(name: str, opts: BackboneOptions) -> Backbone:
     from transformers import AutoConfig, AutoModel
 
     local = Path(name).expanduser()
-    config = AutoConfig.from_pretrained(name, **opts.model_kwargs)
+    expected = "give a transformers model folder (with config.json) or a hub id such as facebook/dinov2-small"
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or local.exists():
+        if not local.is_dir():  # transformers would call it an invalid hub repo id
+            raise FileNotFoundError(f"backbone folder {name} does not exist; {expected}")
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"backbone folder {name} has no config.json; {expected}")
+    try:
+        config = AutoConfig.from_pretrained(name, **opts.model_kwargs)
+    except (OSError, ValueError) as error:
+        if local.is_dir():
+            raise OSError(
+                f"backbone folder {name} could not be loaded by transformers ({type(error).__name__}); its "
+                "config.json needs a model_type of a vision encoder (vit, dinov2, ...)"
+            ) from error
+        raise OSError(
+            f"backbone 'hf:{name}' is no local folder and could not be loaded from the hub or the HF cache "
+            f"({type(error).__name__}); go online or fill the cache, or give a transformers model folder"
+        ) from error
     if opts.pretrained:
         try:
             net = AutoModel.from_pretrained(name, config=config)

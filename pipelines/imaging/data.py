@@ -1,9 +1,10 @@
 """Imaging data: MedMNIST ``.npz`` files, folders and CSVs of image files, through MONAI transforms.
 
-Every source becomes a list of records ``{"image": array or path, "label": int | list}``, split into
-train/val/test; :func:`build_transforms` makes the MONAI chain (load, channel first, intensity scaling to
-[0, 1], resize, augmentation for training only) and :func:`make_dataset` wraps records in a MONAI
-``Dataset`` or ``CacheDataset``. Grey images stay one channel here; the backbone repeats the channel when
+Every source (read by :mod:`pipelines.imaging.readers`) becomes a list of records ``{"image": array or
+path, "label": int | list}``, split into train/val/test, each split of at least two classes;
+:func:`build_transforms` makes the MONAI chain (load, channel first, intensity scaling to [0, 1], resize,
+augmentation for training only) and :func:`make_dataset` wraps records in a MONAI ``Dataset`` or
+``CacheDataset``. Grey images stay one channel here; the backbone repeats the channel when
 its network wants three.
 
 Augmentation draws from NumPy's global generator, which the training loop seeds, saves in checkpoints and
@@ -14,7 +15,6 @@ seeded from the operating system, so every run differed, and copied into every w
 
 from __future__ import annotations
 
-import csv
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -25,9 +25,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.core.data import DatasetInfo, dataset_file, register_dataset, sha256_file
 from pipelines.core.sampling import low_data_indices
+from pipelines.imaging.readers import (
+    FileDataset,
+    ImageFileError,
+    ReadImage,
+    csv_records,
+    folder_records,
+    image_file_errors,
+    load_npz_splits,
+)
 
 __all__ = [
     "PNEUMONIAMNIST",
+    "ImageFileError",
     "TransformOptions",
     "load_npz_splits",
     "npz_records",
@@ -43,20 +53,6 @@ __all__ = [
     "collate",
     "load_dataset_splits",
 ]
-
-IMAGE_EXTENSIONS = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".dcm",
-    ".nii",
-    ".nii.gz",
-    ".nrrd",
-    ".mha",
-)
 
 PNEUMONIAMNIST = register_dataset(
     DatasetInfo(
@@ -97,21 +93,6 @@ class TransformOptions(BaseModel):
     cache_rate: float = Field(1.0, description="Share of records whose deterministic transforms are cached.")
 
 
-def load_npz_splits(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read a MedMNIST ``.npz`` (``{split}_images``, ``{split}_labels``) as split -> (images, labels)."""
-    with np.load(path) as archive:
-        keys = set(archive.files)
-        splits = {}
-        for split in ("train", "val", "test"):
-            if f"{split}_images" in keys and f"{split}_labels" in keys:
-                splits[split] = (archive[f"{split}_images"], archive[f"{split}_labels"])
-    if "train" not in splits:
-        raise ValueError(
-            f"{path} has no train_images/train_labels arrays (keys: {sorted(keys)}); not a MedMNIST file"
-        )
-    return splits
-
-
 def npz_records(images: np.ndarray, labels: np.ndarray, spatial_dims: int = 2) -> list[dict]:
     """Turn MedMNIST arrays into channel-first records.
 
@@ -142,32 +123,6 @@ def npz_records(images: np.ndarray, labels: np.ndarray, spatial_dims: int = 2) -
     ]
 
 
-def folder_records(root: Path) -> tuple[list[dict], list[str]]:
-    """Records from ``root/<class name>/<image files>``; classes are the sorted sub-folder names.
-
-    Returns:
-        (records with file paths, class names).
-    """
-    root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders; lay images out as {root}/<class>/<image>")
-    records = []
-    for index, name in enumerate(classes):
-        images = [p for p in sorted((root / name).rglob("*")) if p.is_file() and _is_image_name(p)]
-        if not images:
-            raise ValueError(
-                f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); add its images "
-                "or remove the folder"
-            )
-        records += [{"image": str(path), "label": index} for path in images]
-    return records, classes
-
-
-def _is_image_name(path: Path) -> bool:
-    return path.name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def class_counts(records: list[dict], classes: list[str] | None = None) -> dict[str, int]:
     """Images per class, by class name when ``classes`` is given (else ``label <i>``), in label order."""
     counts = Counter(label_key(record) for record in records)
@@ -188,27 +143,6 @@ def check_classes(split: str, records: list[dict], where: str, classes: list[str
             f"{where}: split '{split}' has images of one class only ({shown}); a classifier needs at least "
             "two classes in every split: add images (a class sub-folder) of the other classes"
         )
-
-
-def csv_records(path: Path, image_column: str = "image", label_column: str = "label") -> list[dict]:
-    """Records from a CSV with an image path column (relative to the CSV's folder) and an integer label."""
-    path = Path(path)
-    records = []
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        for column in (image_column, label_column):
-            if column not in (reader.fieldnames or []):
-                raise ValueError(f"{path} has no column '{column}' (columns: {reader.fieldnames})")
-        for row in reader:
-            image = Path(row[image_column])
-            records.append(
-                {
-                    "image": str(image if image.is_absolute() else path.parent / image),
-                    "label": int(row[label_column]),
-                    **({"split": row["split"]} if "split" in row else {}),
-                }
-            )
-    return records
 
 
 def label_key(record: dict) -> Any:
@@ -272,7 +206,7 @@ def build_transforms(options: TransformOptions, train: bool, spatial_dims: int =
         raise ValueError(f"transforms.image_size {size} does not have {spatial_dims} axes")
     chain: list = []
     if from_files:
-        chain += [mt.LoadImaged(keys, image_only=True), mt.EnsureChannelFirstd(keys)]
+        chain += [ReadImage(keys), mt.EnsureChannelFirstd(keys)]
     if options.intensity == "range":
         low, high = options.intensity_range
         chain.append(mt.ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
@@ -304,12 +238,16 @@ def build_transforms(options: TransformOptions, train: bool, spatial_dims: int =
 
 
 def make_dataset(records: list[dict], transform, cache_rate: float = 0.0):
-    """Wrap records in a MONAI ``CacheDataset`` (deterministic transforms cached) or a plain ``Dataset``."""
+    """Wrap records in a MONAI ``CacheDataset`` (deterministic transforms cached) or a plain ``Dataset``;
+    records of image files also in a :class:`FileDataset`, which names a file that cannot be read."""
     from monai.data import CacheDataset, Dataset
 
-    if cache_rate > 0:
-        return CacheDataset(records, transform, cache_rate=cache_rate, num_workers=0, progress=False)
-    return Dataset(records, transform)
+    with image_file_errors():
+        if cache_rate > 0:
+            dataset = CacheDataset(records, transform, cache_rate=cache_rate, num_workers=0, progress=False)
+        else:
+            dataset = Dataset(records, transform)
+    return FileDataset(dataset) if records and isinstance(records[0]["image"], str) else dataset
 
 
 def collate(batch: list[dict]) -> dict:
@@ -333,6 +271,13 @@ def load_dataset_splits(
     Returns:
         (split -> records, info dict with name, source, file or folder and sha256 where it is one file).
     """
+    hub = next((given for given in (path, dataset) if given and given.startswith("hf:")), None)
+    if hub is not None:
+        local = "; drop the hf: prefix" if Path(hub[3:]).expanduser().exists() else ""
+        raise ValueError(
+            f"imaging data '{hub}' names a hub dataset; imaging/classification reads local files only: give "
+            f"an .npz, a folder of class sub-folders or a CSV{local}"
+        )
     if path is None:
         if dataset not in MEDMNIST_FILES:
             raise ValueError(
@@ -358,10 +303,10 @@ def load_dataset_splits(
     elif source.is_dir():
         records, classes = folder_records(source)
         splits, info["classes"], info["kind"] = split_records(records, seed=seed), classes, "folder"
-    elif source.suffix == ".csv":
+    elif source.name.endswith((".csv", ".csv.gz")):
         splits, info["kind"] = split_records(csv_records(source), seed=seed), "csv"
     else:
-        raise ValueError(f"data.options.path {source} is neither an .npz, a folder nor a .csv")
+        raise ValueError(f"data.options.path {source} is neither an .npz, a folder nor a .csv (.csv.gz)")
     for name in ("train", "val", "test"):
         check_classes(name, splits.get(name, []), str(source), info.get("classes"))
     info["splits"] = {name: len(records) for name, records in splits.items()}
