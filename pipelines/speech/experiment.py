@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.core.experiment import ExperimentData, Outcome, StagePlan, Trained, train_candidate
+from pipelines.core.experiment import ExperimentData, Outcome, StagePlan, Trained
 from pipelines.core.peft import save_adapter
 from pipelines.speech.adaptation import (
     ClipTraining,
@@ -45,6 +45,7 @@ from pipelines.speech.scoring import (
     unscored_notes,
     unscored_summary,
 )
+from pipelines.speech.sweep import clip_sweep, model_syntheses
 
 __all__ = ["SpeechExperiment"]
 
@@ -80,14 +81,10 @@ class SpeechExperiment:
         self.test = [
             e for e in self.session.speaker_examples(self.target, "test") if e.utterance.index < per_digit
         ]
-        self.speaker, self.cosines = 0, {0: math.nan}
-        if self.evaluators is not None:
-            candidates = self.session.base_speaker_examples()
-            self.speaker, self.cosines = nearest_speaker(self.evaluators, self.train, candidates)
-        self.pipe.speaker_id = self.speaker
-        info = {"name": "fsdd", "sha256": FSDD_SHA256, "target_speaker": self.target,
-                "splits": {"adaptation": len(self.train), "test": len(self.test)}}  # fmt: skip
-        return ExperimentData("speech", len(self.train), None, info, list(SPEECH_METRICS))
+        self.info = {"name": "fsdd", "sha256": FSDD_SHA256, "target_speaker": self.target,
+                     "splits": {"adaptation": len(self.train), "test": len(self.test)}}  # fmt: skip
+        digits = [e.utterance.digit for e in self.train]  # data.fraction draws per digit
+        return ExperimentData("speech", len(self.train), digits, self.info, list(SPEECH_METRICS))
 
     def _clips(self, count: int | str) -> list[Example]:
         """The first ``count`` adaptation clips of the target in digit round-robin order."""
@@ -95,9 +92,20 @@ class SpeechExperiment:
         return [by_path[u.path] for u in adaptation_clips([e.utterance for e in self.clips], count)]
 
     def keep_training(self, indices: list[int]) -> None:
-        """Every clip stays (speech refuses the low-data fields); the stages train on them."""
+        """The engine's ``data.fraction`` draw of the adaptation clips (all at 1.0); the nearest base
+        speaker, whom every model speaks as, is chosen from these clips alone."""
         self.train = [self.train[i] for i in indices]
+        self.info["splits"]["adaptation"] = len(self.train)
+        self.speaker, self.cosines = 0, {0: math.nan}
+        if self.evaluators is not None:
+            candidates = self.session.base_speaker_examples()
+            self.speaker, self.cosines = nearest_speaker(self.evaluators, self.train, candidates)
+        self.pipe.speaker_id = self.speaker
         self.training = ClipTraining(self.backbone.model, self.train, self.speaker, self.recipe.seed)
+
+    def _training(self, count: int | str) -> ClipTraining:
+        """Training on the first ``count`` adaptation clips (the clip sweep)."""
+        return ClipTraining(self.backbone.model, self._clips(count), self.speaker, self.recipe.seed)
 
     def new_model(self) -> AcousticModel:
         return self.training.new_model()
@@ -140,15 +148,12 @@ class SpeechExperiment:
         return [stage]
 
     def describe(self, models: dict[str, Trained]) -> dict[str, Any]:
-        syntheses = {
-            label: self.untrained[label] if m.model is None else self.syntheses[id(m.model)]
-            for label, m in models.items()
-        }
+        syntheses = model_syntheses(self, models)
         takes = self._second_takes()
         references = self._references(takes)
         syntheses.update(references)
         unscored = {label: unscored_summary(s, self.metrics) for label, s in syntheses.items()}
-        sweep = self._sweep(unscored)
+        sweep = clip_sweep(self, self.data.sweep_clips, self._training, unscored)
         primary = models[self.primary_label(self.recipe)]
         self.pipe.model = primary.model  # lab code may synthesise with it after run
         checks = {
@@ -205,21 +210,6 @@ class SpeechExperiment:
         if takes is not None:
             out["second_take"] = score_second_takes(self.test, takes, self.evaluators, self.session.num_bins)
         return {label: out[label] for label in REFERENCE_MODELS if label in out}
-
-    def _sweep(self, unscored: dict[str, dict]) -> dict[str, dict]:
-        """The stage's adapter alone, retrained from each ``sweep_clips`` count, scored on the same test."""
-        results, kept = {}, self.training
-        bootstrap, seed = self.recipe.evaluation.bootstrap, self.recipe.seed
-        for count in self.data.sweep_clips:
-            self.training = ClipTraining(self.backbone.model, self._clips(count), self.speaker, seed)
-            label = f"sweep_{count}_clips"
-            trained = train_candidate(self, self.recipe.stages, label, self.run_dir, self.resume, seed, False)
-            synthesis = self.syntheses.pop(id(trained.model))
-            report = evaluate_scores(synthesis, bootstrap, seed, self.metrics)
-            results[str(count)] = {name: report[name].to_dict() for name in report}
-            unscored[label] = unscored_summary(synthesis, self.metrics)
-        self.training = kept
-        return results
 
     def _notes(self, primary: Trained, samples: list[str], checks: dict, takes) -> list[str]:
         base_total = sum(p.numel() for p in self.backbone.model.parameters())

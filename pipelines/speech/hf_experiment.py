@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.core.experiment import ExperimentData, Outcome, StagePlan, Trained, train_candidate
+from pipelines.core.experiment import ExperimentData, Outcome, StagePlan, Trained
 from pipelines.core.peft import disable_adapters, load_adapter, save_adapter
 from pipelines.speech.adaptation import adaptation_clips, baseline_stage
 from pipelines.speech.data import FSDD_SHA256, Utterance, folder_utterances, fsdd_utterances, split_fsdd
@@ -26,11 +26,11 @@ from pipelines.speech.hf_tts import HfTts, hf_adapter_targets
 from pipelines.speech.report import adapter_facts
 from pipelines.speech.scoring import (
     Synthesis,
-    evaluate_scores,
     unscored_notes,
     unscored_summary,
     write_samples,
 )
+from pipelines.speech.sweep import clip_sweep, model_syntheses
 
 __all__ = ["HfExperiment", "HF_NOTES"]
 
@@ -68,13 +68,10 @@ class HfExperiment:
     # ----- data and models ----------------------------------------------------------------------------
     def load_data(self, run_dir: Path) -> ExperimentData:
         self.run_dir, self.base = Path(run_dir), self.pipe.backbone()
-        self.utterances, test, info = self._utterances()
-        self.train = hf_examples(self.base, self.utterances)
-        self.statistics = self.train[0].extra.get("statistics") if self.train else None
-        self.pipe.statistics = self.statistics
-        self.test = hf_examples(self.base, test, self.statistics)
-        info["splits"] = {"adaptation": len(self.train), "test": len(self.test)}
-        return ExperimentData("speech", len(self.train), None, info, list(HF_METRICS))
+        self.utterances, self.test_utterances, self.info = self._utterances()
+        digits = [u.digit for u in self.utterances]  # data.fraction draws per digit where digits are known
+        labels = digits if None not in digits else None
+        return ExperimentData("speech", len(digits), labels, self.info, list(HF_METRICS))
 
     def _utterances(self) -> tuple[list[Utterance], list[Utterance], dict]:
         """Adaptation and test clips: the user's folders, else an FSDD speaker's official splits."""
@@ -96,9 +93,20 @@ class HfExperiment:
         return train, test, {"name": "fsdd", "sha256": FSDD_SHA256, "target_speaker": target}
 
     def keep_training(self, indices: list[int]) -> None:
-        """Every clip stays (speech refuses the low-data fields); the stages train on them."""
-        self.train = [self.train[i] for i in indices]
+        """The engine's ``data.fraction`` draw of the adaptation clips (all at 1.0), featurised; the
+        pitch and energy statistics come from these clips alone."""
+        self.utterances = [self.utterances[i] for i in indices]
+        self.train = hf_examples(self.base, self.utterances)
+        self.statistics = self.train[0].extra.get("statistics") if self.train else None
+        self.pipe.statistics = self.statistics
+        self.test = hf_examples(self.base, self.test_utterances, self.statistics)
+        self.info["splits"] = {"adaptation": len(self.train), "test": len(self.test)}
         self.training = HfClipTraining(self.base, self.train, self.recipe.seed)
+
+    def _training(self, count: int | str) -> HfClipTraining:
+        """Training on the first ``count`` adaptation clips (the clip sweep)."""
+        subset = hf_examples(self.base, adaptation_clips(self.utterances, count))
+        return HfClipTraining(self.base, subset, self.recipe.seed)
 
     def new_model(self) -> HfTts:
         return self.training.new_model()
@@ -134,12 +142,9 @@ class HfExperiment:
         return [baseline_stage(name, stage, options.lora_rank, options.finetune_lr, targets)]
 
     def describe(self, models: dict[str, Trained]) -> dict[str, Any]:
-        syntheses = {
-            label: self.untrained[label] if m.model is None else self.syntheses[id(m.model)]
-            for label, m in models.items()
-        }
+        syntheses = model_syntheses(self, models)
         unscored = {label: unscored_summary(s, self.metrics) for label, s in syntheses.items()}
-        sweep = self._sweep(unscored)
+        sweep = clip_sweep(self, self.data.sweep_clips, self._training, unscored)
         stage = self.recipe.stages[-1]
         primary = models[self.primary_label(self.recipe)]
         self.pipe.model = primary.model  # lab code may synthesise with it after run
@@ -174,22 +179,6 @@ class HfExperiment:
                 torch.equal(reloaded.synthesize_mel(ids), adapted.synthesize_mel(ids))
             ),
         }
-
-    def _sweep(self, unscored: dict[str, dict]) -> dict[str, dict]:
-        """The stage's adapter alone, retrained from each ``sweep_clips`` count, scored on the same test."""
-        results, kept = {}, self.training
-        bootstrap, seed = self.recipe.evaluation.bootstrap, self.recipe.seed
-        for count in self.data.sweep_clips:
-            subset = hf_examples(self.base, adaptation_clips(self.utterances, count))
-            self.training = HfClipTraining(self.base, subset, seed)
-            label = f"sweep_{count}"
-            trained = train_candidate(self, self.recipe.stages, label, self.run_dir, self.resume, seed, False)
-            synthesis = self.syntheses.pop(id(trained.model))
-            report = evaluate_scores(synthesis, bootstrap, seed, self.metrics)
-            results[str(count)] = {metric: report[metric].to_dict() for metric in report}
-            unscored[label] = unscored_summary(synthesis, self.metrics)
-        self.training = kept
-        return results
 
     def _notes(self, samples: list[str], checks: dict[str, bool]) -> list[str]:
         notes = [
