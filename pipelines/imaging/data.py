@@ -43,6 +43,7 @@ __all__ = [
     "npz_records",
     "folder_records",
     "csv_records",
+    "path_records",
     "label_key",
     "class_counts",
     "check_classes",
@@ -143,6 +144,34 @@ def check_classes(split: str, records: list[dict], where: str, classes: list[str
             f"{where}: split '{split}' has images of one class only ({shown}); a classifier needs at least "
             "two classes in every split: add images (a class sub-folder) of the other classes"
         )
+
+
+def path_records(
+    path: str | Path, spatial_dims: int = 2, classes: list[str] | None = None
+) -> tuple[dict[str, list[dict]] | list[dict], list[str] | None]:
+    """The records of a folder of class sub-folders, a CSV (``.csv.gz``) or an ``.npz`` (lab code's data).
+
+    Returns:
+        (split -> records for a file that has splits: a CSV with a ``split`` column, an ``.npz``; or one
+        list of records: a folder, a CSV without ``split``), and a folder's class names (``classes``,
+        when given, fixes their order: see :func:`folder_records`), else None.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return folder_records(path, classes)
+    if path.name.endswith((".csv", ".csv.gz")):
+        records = csv_records(path)
+        if not records or "split" not in records[0]:
+            return records, None
+        splits = {s: [r for r in records if r["split"] == s] for s in ("train", "val", "test")}
+        return {s: kept for s, kept in splits.items() if kept}, None
+    if path.suffix == ".npz":
+        return {s: npz_records(x, y, spatial_dims) for s, (x, y) in load_npz_splits(path).items()}, None
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; give a folder of class sub-folders, a CSV or an .npz"
+        )
+    raise ValueError(f"{path} is neither a folder of class sub-folders, a .csv (.csv.gz) nor an .npz")
 
 
 def label_key(record: dict) -> Any:

@@ -15,8 +15,9 @@ From lab code::
 
     pipe = create_pipeline("imaging/classification", backbone="dinov2_small",
                            adapter={"method": "lora", "r": 8}, train={"epochs": 2, "lr": 1e-3})
-    pipe.fit(train_dataset, val_dataset)        # MONAI datasets of {"image": (C, H, W) in [0, 1], "label"}
-    report = pipe.evaluate(test_dataset)        # report["auroc"].value / .low / .high
+    pipe.fit("chest/train", "chest/val")        # folders of class sub-folders (or CSVs, .npz, datasets)
+    report = pipe.evaluate("chest/test")        # report["auroc"].value / .low / .high
+    pipe.save_adapter("my_adapter")             # adapter, head and the validation threshold
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pipelines.imaging.data import (
     check_classes,
     collate,
     make_dataset,
+    path_records,
 )
 from pipelines.imaging.head_facts import FACTS, head_facts, operating_point, read_head_facts, write_head_facts
 from pipelines.imaging.methods import BASELINES, build_classifier
@@ -189,6 +191,22 @@ class ImagingClassificationPipeline:
         self.model, self.resolved_adapter = model, resolved
         return model
 
+    def _records(self, data: Any, split: str, optional: bool = False) -> Any:
+        """The ``split`` records of a folder, CSV or .npz path (see :meth:`fit`); other data as given.
+
+        ``optional``: None unless the file has that split (fit's own validation split)."""
+        if not isinstance(data, (str, Path)):
+            return data
+        read, classes = path_records(data, self.load_backbone().spatial_dims, self.classes)
+        self.classes = classes or self.classes
+        if isinstance(read, list):
+            return None if optional else read
+        if optional or split in read:
+            return read.get(split)
+        raise ValueError(
+            f"{data} has no {split} split (it has {', '.join(read)}); give the {split} data itself"
+        )
+
     def _dataset(self, data, train: bool):
         if isinstance(data, list):  # plain records: apply this pipeline's MONAI transforms
             spatial = self.load_backbone().spatial_dims
@@ -197,7 +215,14 @@ class ImagingClassificationPipeline:
         return data
 
     def fit(self, train_data, val=None, run_dir: Path | None = None) -> TrainResult:
-        """Train on a dataset of ``{"image", "label"}`` dicts (or records); pick the threshold on ``val``.
+        """Train on ``train_data`` and pick the binary threshold on ``val`` (Youden's J).
+
+        Either may be a folder of class sub-folders (``<folder>/<class>/<image>``; classes in sorted
+        order), a CSV (or ``.csv.gz``) of ``image`` paths (relative to the CSV) and integer ``label`` s, a
+        MedMNIST-style ``.npz``, a list of records ``{"image": (C, H, W) array or file path, "label"}`` or a
+        dataset of such dicts with tensors in [0, 1]. A CSV with a ``split`` column (or an ``.npz``) gives
+        its ``train`` rows here and, when ``val`` is None, its ``val`` rows as ``val``; :meth:`evaluate`
+        takes its ``test`` rows. A split of one class is refused before training.
 
         The model trains as a recipe's stage does (the engine's ``train_candidate`` with this pipeline's
         hooks); with ``run_dir`` its checkpoints go to ``run_dir/train/<name>/<name>/``.
@@ -205,12 +230,17 @@ class ImagingClassificationPipeline:
         from pipelines.core.experiment import train_candidate
         from pipelines.imaging.experiment import ImagingExperiment
 
-        train_set = self._dataset(train_data, True)
+        if isinstance(train_data, (str, Path)) and self.model is None:
+            self.classes = None  # a fresh model takes the training folder's classes
+        records = self._records(train_data, "train")
+        val = self._records(train_data, "val", optional=True) if val is None else self._records(val, "val")
+        train_set = self._dataset(records, True)
         val_set = self._dataset(val, False) if val is not None else None
+        where = str(train_data) if isinstance(train_data, (str, Path)) else "fit()"
         for split, dataset in (("train", train_set), ("val", val_set)):
-            records = getattr(dataset, "data", None)  # a MONAI dataset's records; other datasets are not read
-            if isinstance(records, list) and (not records or isinstance(records[0], dict)):
-                check_classes(split, records, "fit()", self.classes)
+            given = getattr(dataset, "data", None)  # a MONAI dataset's records; other datasets are not read
+            if isinstance(given, list) and (not given or isinstance(given[0], dict)):
+                check_classes(split, given, where, self.classes)
         hooks, stage = ImagingExperiment.for_datasets(self, train_set, val_set, run_dir is not None)
         root = Path(run_dir) if run_dir is not None else Path()
         trained = train_candidate(hooks, [stage], self.name, root, False, self.seed, False)
@@ -223,13 +253,15 @@ class ImagingClassificationPipeline:
         return DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate)
 
     def predict(self, data):
-        """(y_true, y_score) of the fitted model on a dataset or records."""
+        """(y_true, y_score) of the fitted model on data of any form :meth:`fit` takes (a file's ``test``
+        split); a folder's class sub-folders must be classes the model was trained on."""
         if self.model is None:
             raise RuntimeError("the pipeline has no model yet; call fit() or load_adapter() first")
-        return predict_scores(self.model, self._loader(self._dataset(data, False)))
+        return predict_scores(self.model, self._loader(self._dataset(self._records(data, "test"), False)))
 
     def evaluate(self, test) -> EvaluationReport:
-        """Score the fitted model on ``test`` at the validation threshold (0.5 without one)."""
+        """Score the fitted model on ``test`` (any form :meth:`fit` takes) at its operating point: the
+        validation threshold, restored by :meth:`load_adapter` (0.5 without one)."""
         from pipelines.core.evaluation import evaluate
 
         y_true, y_score = self.predict(test)

@@ -80,18 +80,31 @@ def load_npz_splits(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return splits
 
 
-def folder_records(root: Path) -> tuple[list[dict], list[str]]:
-    """Records from ``root/<class name>/<image files>``; classes are the sorted sub-folder names.
+def folder_records(root: Path, classes: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Records from ``root/<class name>/<image files>``.
+
+    Args:
+        root: The folder of class sub-folders.
+        classes: The class names of a trained model (label ``i`` is ``classes[i]``); every sub-folder must
+            be one of them. None: the sorted sub-folder names.
 
     Returns:
         (records with file paths, class names).
     """
     root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not found:
         raise ValueError(f"{root} has no class sub-folders; lay images out as {root}/<class>/<image>")
+    unknown = [name for name in found if classes is not None and name not in classes]
+    if unknown:
+        raise ValueError(
+            f"{root} has class folders {unknown} the model was not trained on (its classes: {classes}); "
+            "rename or remove them"
+        )
+    classes = list(classes) if classes is not None else found
     records = []
-    for index, name in enumerate(classes):
+    for name in found:
+        index = classes.index(name)
         images = [p for p in sorted((root / name).rglob("*")) if p.is_file() and _is_image_name(p)]
         if not images:
             raise ValueError(
