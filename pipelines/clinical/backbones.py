@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from pipelines.clinical.gguf_file import load_llama, plain_llama, read_header
+
 __all__ = [
     "Backbone",
     "BackboneError",
@@ -160,7 +162,7 @@ def _finish(
 
 def _load_gguf(path: Path, name: str) -> Backbone:
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     except ImportError as error:  # pragma: no cover - transformers is a clinical dependency
         raise BackboneError(
             "the clinical pipelines need transformers; `pip install peft-pipelines[clinical]`"
@@ -170,9 +172,15 @@ def _load_gguf(path: Path, name: str) -> Backbone:
             raise BackboneError(
                 f"loading the GGUF file {path} needs the package '{needed}'; pip install {needed}"
             )
+    folder, file = path.parent, path.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        header, blob = read_header(path)
+        if plain_llama(header):  # the header read once (gguf_file.py), then only the vocabulary
+            model = load_llama(header, blob)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=file)
+        else:  # other families (a Mistral file): transformers reads the file, more slowly
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     except (OSError, ValueError, KeyError, EOFError, struct.error) as error:
         raise BackboneError(
             f"backbone GGUF file {path} could not be read ({type(error).__name__}); give a complete .gguf "
