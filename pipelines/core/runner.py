@@ -12,13 +12,13 @@ import json
 import logging
 import math
 import os
-import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipelines.core.checkpoint import seed_everything
 from pipelines.core.evaluation import RunResult, write_report
 from pipelines.core.recipe import (
     Recipe,
@@ -49,23 +49,6 @@ def _is_main_process() -> bool:
     except ImportError:
         return int(os.environ.get("RANK", "0")) == 0
     return is_main_process()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy and torch (all devices)."""
-    random.seed(seed)
-    try:
-        import numpy
-
-        numpy.random.seed(seed)
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:
-        pass
 
 
 def _choose_run_dir(root: Path, recipe: Recipe, resume: bool) -> Path:
