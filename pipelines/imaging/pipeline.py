@@ -68,6 +68,13 @@ class ImagingClassificationPipeline:
     SPEC_BASELINES = True  # a compare entry may be a full adapter spec (the engine trains it)
     DATASETS = (PNEUMONIAMNIST.name,)
 
+    @staticmethod
+    def export_peft(source: Path, target: Path) -> Path:
+        """``peft-pipelines export --format peft``: the adapter and its head as HF peft loads them."""
+        from pipelines.imaging.export import export_peft
+
+        return export_peft(source, target)
+
     def __init__(
         self,
         backbone: str = "dinov2_small",
@@ -268,11 +275,20 @@ class ImagingClassificationPipeline:
         threshold = self.threshold if self.threshold is not None else 0.5
         return evaluate(self.task, y_true, y_score, self.metrics, self.bootstrap, self.seed, threshold)
 
-    def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter and head (native format, safetensors) and ``imaging_head.json`` (the operating
-        point and class names, :mod:`pipelines.imaging.head_facts`) into ``directory``."""
+    def save_adapter(self, directory: str | Path, format: Literal["native", "peft"] = "native") -> Path:
+        """Write the adapter and head (safetensors) and ``imaging_head.json`` (the operating point and class
+        names, :mod:`pipelines.imaging.head_facts`) into ``directory``.
+
+        ``format="peft"``: HF peft's layout, the head as ``modules_to_save``
+        (:mod:`pipelines.imaging.export`).
+        """
         if self.model is None or self.resolved_adapter is None:
             raise RuntimeError("there is no trained adapter to save; fit() an adapter method first")
+        if format == "peft":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as scratch:
+                return self.export_peft(self.save_adapter(Path(scratch) / "native"), Path(directory))
         folder = save_adapter(self.model, directory, name=self.name, extra=[HEAD])
         write_head_facts(folder, head_facts(self.task, self.operating_point, self.classes))
         return folder
