@@ -30,7 +30,8 @@ class ClinicalModel(nn.Module):
 
     When the bottom ``cached_layers`` decoder layers hold no adapter, their output (``prefix``) does not
     change during training: compute it once with :meth:`prefix_states` and pass it instead of the tokens;
-    only the top layers then run in every step. The results equal the full forward pass.
+    only the top layers then run in every step. The results equal the full forward pass. Prefix tuning and
+    P-tuning (held by the LM's token embedding) act on the LM's call and change every layer: no cache then.
     """
 
     def __init__(self, lm: Any, outputs: int, pooling: Pooling = "last", seed: int = 0) -> None:
@@ -61,6 +62,15 @@ class ClinicalModel(nn.Module):
         finally:
             decoder.layers, decoder.norm = layers, norm
 
+    @contextmanager
+    def _head_set_aside(self) -> Iterator[None]:
+        head = self.lm.get_output_embeddings()
+        self.lm.set_output_embeddings(nn.Identity())
+        try:
+            yield
+        finally:
+            self.lm.set_output_embeddings(head)
+
     @torch.no_grad()
     def prefix_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -82,8 +92,12 @@ class ClinicalModel(nn.Module):
     ) -> torch.Tensor:
         """Return the final (normed) hidden states, from tokens or from cached prefix states."""
         if prefix is None:
-            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            return out.last_hidden_state
+            # Through the causal LM, not only its body: prefix tuning and P-tuning rewrite the LM's call (a
+            # hook on it). With its head set aside the LM's "logits" are the final hidden states; P-tuning
+            # puts its prompt's positions first, so the note's are the last ones.
+            with self._head_set_aside():
+                out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.logits[:, -input_ids.shape[1] :]
         with self._layers(self.cached_layers, None, final_norm=True):
             out = self.decoder(inputs_embeds=prefix, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
@@ -122,7 +136,11 @@ class ClinicalModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return next-token cross-entropy ``(batch, T-1)`` and the mask of real target tokens."""
+        """Return next-token cross-entropy ``(batch, T-1)`` and the mask of real target tokens.
+
+        With P-tuning the targets are the same T-1 tokens as without it (HF peft also scores token 0 from
+        the prompt's last position), so perplexity before and after a stage compares the same tokens.
+        """
         hidden = self.hidden_states(input_ids, attention_mask, prefix)
         logits = self.lm.lm_head(hidden[:, :-1]).float()
         targets = input_ids[:, 1:]

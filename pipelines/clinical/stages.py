@@ -25,6 +25,8 @@ from pipelines.clinical.tokens import ClassificationSet, LMBlocks, PadCollate, e
 from pipelines.core.peft import (
     AdaptedLayer,
     LoRA,
+    PrefixTuning,
+    PTuning,
     adapter_names,
     adapter_specs,
     add_adapter,
@@ -265,7 +267,8 @@ def save_adapters(
 def save_exports(
     model: ClinicalModel, bare_lm: Any, directory: Path, head_info: dict[str, Any]
 ) -> dict[str, int]:
-    """Write each LoRA adapter in HF peft's format against the bare LM, and the head on its own.
+    """Write each LoRA, prefix-tuning and P-tuning adapter in HF peft's format against the bare LM, and the
+    head on its own.
 
     ``<directory>/<adapter>/peft/`` loads with ``peft.PeftModel.from_pretrained(base_lm, path)``;
     ``<directory>/classifier/`` holds the head and head.json (pooling, task, class names, adapter order).
@@ -276,7 +279,7 @@ def save_exports(
     """
     sizes: dict[str, int] = {}
     for name, spec in adapter_specs(model).items():
-        if not isinstance(spec, LoRA):
+        if not isinstance(spec, (LoRA, PrefixTuning, PTuning)):
             continue
         trained = {p.removeprefix("lm."): w.adapters[name] for p, w in wrappers(model) if name in w.adapters}
         add_adapter(bare_lm, replace(spec, targets=[f"re:{re.escape(path)}" for path in trained]), name=name)
