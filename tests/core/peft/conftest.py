@@ -1,9 +1,12 @@
-"""Every PEFT test runs seeded, in float32, on one thread."""
+"""Every PEFT test runs seeded, in float32, on one thread; the fixtures the test modules share."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from peft_testing import llama_input_ids, make_tiny_llama
+
+from pipelines.core.peft.lora import LoRAAdapter
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +16,29 @@ def _seeded_one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """One tiny LLaMA per test module, drawn from seed 0; tests adapt copies of it."""
+    torch.manual_seed(0)
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def input_ids():
+    return llama_input_ids()
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The input dtype of every forward that takes the fused LoRA path."""
+    calls = []
+    original = LoRAAdapter.fused_forward
+
+    def counting(self, base, x):
+        calls.append(x.dtype)
+        return original(self, base, x)
+
+    monkeypatch.setattr(LoRAAdapter, "fused_forward", counting)
+    return calls

@@ -7,8 +7,16 @@ import json
 
 import pytest
 import torch
-from peft_testing import perturb_adapters, refused, weighted_loss
-from peft_testing import tiny_llama as make_tiny_llama
+from peft_testing import (
+    copy_adapter_to_peft,
+    import_hf_peft,
+    logits,
+    ours_and_peft,
+    peft_layers,
+    perturb_adapters,
+    refused,
+    weighted_loss,
+)
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -30,8 +38,7 @@ from pipelines.core.peft import (
 from pipelines.core.recipe import StageSection
 from pipelines.core.training import TrainCallback, TrainConfig, train
 
-peft = pytest.importorskip("peft", reason="HF peft is the oracle of these tests; pip install peft")
-transformers = pytest.importorskip("transformers")
+peft = import_hf_peft()
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
     "ignore:.*LoRA tensor\\(s\\) have invalid shape",
@@ -45,52 +52,28 @@ OURS = AdaLoRA(**SCHEDULE, delta_t=2, alpha=8, orth_reg_weight=0.3, targets=TARG
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    return make_tiny_llama()
-
-
-@pytest.fixture
-def input_ids():
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model, input_ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
-
-
 def both(tiny_llama, total_step: int = STEPS, seed: int = 4):
     """Ours and HF peft's AdaLoRA on copies of the model, drawn from the same seed."""
-    torch.manual_seed(seed)
-    ours = add_adapter(copy.deepcopy(tiny_llama), OURS)
-    torch.manual_seed(seed)
     config = peft.AdaLoraConfig(
         **PEFT_SCHEDULE, total_step=total_step, target_modules=TARGETS, task_type="CAUSAL_LM"
     )
-    theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config)
-    return ours, theirs
+    return ours_and_peft(tiny_llama, OURS, config, seed)
 
 
 def pairs(ours, theirs):
-    """(our layer adapter, peft's layer) by module path."""
-    named = dict(theirs.named_modules())
-    return [(path, w.adapters["default"], named[f"base_model.model.{path}"]) for path, w in wrappers(ours)]
+    """(our layer's adapter, peft's layer) by module path."""
+    return [(wrapper.adapters["default"], their) for wrapper, their in peft_layers(ours, theirs)]
 
 
 def test_same_init_forward_and_merge_as_hf_peft(tiny_llama, input_ids):
     ours, theirs = both(tiny_llama)
-    for _, mine, their in pairs(ours, theirs):
+    for mine, their in pairs(ours, theirs):
         for factor in ("lora_A", "lora_E", "lora_B"):
             assert torch.equal(getattr(mine, factor), getattr(their, factor)["default"])
     theirs.eval()
     torch.testing.assert_close(logits(ours, input_ids), logits(tiny_llama, input_ids), atol=0, rtol=0)
     perturb_adapters(ours, scale=0.3)
-    with torch.no_grad():
-        for _, mine, their in pairs(ours, theirs):
-            for factor in ("lora_A", "lora_E", "lora_B"):
-                getattr(their, factor)["default"].copy_(getattr(mine, factor))
+    copy_adapter_to_peft(ours, theirs)
     expected = logits(theirs, input_ids)
     torch.testing.assert_close(logits(ours, input_ids), expected, atol=1e-6, rtol=1e-5)
     merge(ours)
@@ -159,7 +142,7 @@ def test_same_ranks_pruned_at_the_same_steps_as_hf_peft_rank_allocator(tiny_llam
             pruned_steps.append(step)
     # tinit=2: nothing before step 3; then every delta_t=2 steps; T - tfinal = 9 fixes the final ranks
     assert pruned_steps[0] == 4 and sum(sum(m) for m in record.masks[-1].values()) == 2 * 6
-    for _, mine, their in pairs(ours, theirs):
+    for mine, their in pairs(ours, theirs):
         torch.testing.assert_close(mine.lora_E, their.lora_E["default"], atol=1e-5, rtol=1e-4)
         assert torch.equal(mine.lora_E == 0, their.lora_E["default"] == 0)
         assert torch.equal(~mine.rank_mask, (their.lora_E["default"] == 0).view(-1))
@@ -168,10 +151,7 @@ def test_same_ranks_pruned_at_the_same_steps_as_hf_peft_rank_allocator(tiny_llam
 def test_orthogonal_penalty_is_added_to_the_loss_as_hf_peft(tiny_llama, input_ids):
     ours, theirs = both(tiny_llama)
     perturb_adapters(ours, scale=0.3)
-    with torch.no_grad():
-        for _, mine, their in pairs(ours, theirs):
-            for factor in ("lora_A", "lora_E", "lora_B"):
-                getattr(their, factor)["default"].copy_(getattr(mine, factor))
+    copy_adapter_to_peft(ours, theirs)
     (schedule,) = training_callbacks(ours)
     task = ours(input_ids=input_ids, labels=input_ids).loss
     expected = theirs(input_ids=input_ids, labels=input_ids).loss
@@ -305,20 +285,14 @@ def test_conv2d_forward_and_merge_as_hf_peft():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
     x = torch.randn(2, 3, 6, 6)
-    torch.manual_seed(2)
-    ours = add_adapter(copy.deepcopy(model), AdaLoRA(init_r=3, target_r=2, total_step=10, targets=["0", "2"]))
-    torch.manual_seed(2)
+    spec = AdaLoRA(init_r=3, target_r=2, total_step=10, targets=["0", "2"])
     config = peft.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["0", "2"])
-    theirs = peft.get_peft_model(copy.deepcopy(model), config)
+    ours, theirs = ours_and_peft(model, spec, config, seed=2)
     perturb_adapters(ours, scale=0.3)
+    assert {key for key, _, _ in copy_adapter_to_peft(ours, theirs)} == {
+        f"{layer}.{factor}" for layer in ("0", "2") for factor in ("lora_A", "lora_E", "lora_B")
+    }
     with torch.no_grad():
-        for name in ("0", "2"):
-            mine, their = (
-                dict(ours.named_modules())[name].adapters["default"],
-                getattr(theirs.base_model.model, name),
-            )
-            for factor in ("lora_A", "lora_E", "lora_B"):
-                getattr(their, factor)["default"].copy_(getattr(mine, factor))
         expected = theirs(x)
         torch.testing.assert_close(ours(x), expected, atol=1e-6, rtol=1e-5)
         merge(ours)

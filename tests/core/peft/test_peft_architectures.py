@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from peft_testing import is_adapter_name, main_output, perturb_adapters, tiny_llama, weighted_loss
+from peft_testing import is_adapter_name, main_output, make_tiny_llama, perturb_adapters, weighted_loss
 
 from pipelines.core.peft import (
     SSF,
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 
 def llama():
     pytest.importorskip("transformers")
-    return tiny_llama(), {"input_ids": torch.randint(0, 64, (2, 6))}
+    return make_tiny_llama(), {"input_ids": torch.randint(0, 64, (2, 6))}
 
 
 def vit():

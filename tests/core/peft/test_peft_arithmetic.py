@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from peft_testing import refused
-from peft_testing import tiny_llama as make_tiny_llama
+from peft_testing import import_hf_peft, logits, only_adapter, refused
 from torch import nn
 
 from pipelines.core.peft import (
@@ -16,14 +15,12 @@ from pipelines.core.peft import (
     add_adapter,
     add_weighted_adapter,
     load_adapter,
-    remove_adapter,
     save_adapter,
     wrappers,
 )
 from pipelines.core.peft.arithmetic import factors
 
-peft = pytest.importorskip("peft", reason="HF peft is the oracle of these tests; pip install peft")
-transformers = pytest.importorskip("transformers")
+peft = import_hf_peft()
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -115,19 +112,6 @@ def _assert_same_adapter(theirs, ours, name: str, factor_atol: float | None = 1e
     assert compared == len(peft_layers) > 0
 
 
-def _only(model: nn.Module, name: str) -> nn.Module:
-    alone = copy.deepcopy(model)
-    for other in [n for n in list(alone._peft_adapter_specs) if n != name]:
-        remove_adapter(alone, other)
-    return alone
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    return make_tiny_llama()
-
-
 DETERMINISTIC = [
     ("linear", ["math", "bio"], [0.6, -0.3], {}),
     ("cat", ["math", "bio", "chem"], [0.6, -0.3, 1.2], {}),
@@ -142,18 +126,17 @@ DETERMINISTIC = [
 
 
 @pytest.mark.parametrize(("combination", "sources", "weights", "options"), DETERMINISTIC)
-def test_combinations_match_hf_peft_on_a_tiny_llama(tiny_llama, combination, sources, weights, options):
+def test_combinations_match_hf_peft_on_a_tiny_llama(
+    tiny_llama, input_ids, combination, sources, weights, options
+):
     theirs, ours = _pair(tiny_llama, SOURCES)
     theirs.add_weighted_adapter(sources, weights, "mixed", combination_type=combination, **options)
     add_weighted_adapter(ours, sources, weights, "mixed", combination_type=combination, **options)
     svd = combination.endswith("svd")
     _assert_same_adapter(theirs, ours, "mixed", factor_atol=1e-5 if svd else 1e-6)
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
     theirs.set_adapter("mixed")
-    with torch.no_grad():
-        expected = theirs(input_ids=ids).logits
-        actual = _only(ours, "mixed")(input_ids=ids).logits
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    expected = logits(theirs, input_ids)
+    torch.testing.assert_close(logits(only_adapter(ours, "mixed"), input_ids), expected, atol=1e-5, rtol=0)
 
 
 def _record_peft_rng(monkeypatch) -> dict:

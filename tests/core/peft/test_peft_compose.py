@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from peft_testing import perturb_adapters, refused, weighted_loss
-from peft_testing import tiny_llama as make_tiny_llama
+from peft_testing import logits, make_tiny_llama, only_adapter, perturb_adapters, refused, weighted_loss
 from torch import nn
 
 from pipelines.core.peft import (
@@ -80,14 +79,6 @@ def _llama(names=("lora", "loha", "vera")) -> nn.Module:
     return model
 
 
-def _only(model: nn.Module, name: str) -> nn.Module:
-    alone = copy.deepcopy(model)
-    compose(alone, None)
-    for other in [n for n in list(alone._peft_adapter_specs) if n != name]:
-        remove_adapter(alone, other)
-    return alone
-
-
 def _layer_io(model: nn.Module, run) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each adapted layer's input and output while `run()` runs."""
     seen, handles = {}, []
@@ -109,7 +100,7 @@ def _alone_outputs(model: nn.Module, names: list[str], path: str, x: torch.Tenso
     outputs = []
     for name in names:
         with torch.no_grad():
-            outputs.append(_only(model, name).get_submodule(path)(x))
+            outputs.append(only_adapter(model, name).get_submodule(path)(x))
     return outputs
 
 
@@ -129,18 +120,16 @@ def test_parallel_is_the_base_plus_each_adapters_own_change_at_every_layer(reduc
         torch.testing.assert_close(out, base + total, atol=1e-6, rtol=0, msg=path)
 
 
-def test_parallel_sum_of_additive_adapters_is_the_stack_and_merges():
+def test_parallel_sum_of_additive_adapters_is_the_stack_and_merges(input_ids):
     model = _llama()
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        stacked = model(input_ids=ids).logits
-        compose(model, Parallel(["lora", "loha", "vera"]))
-        parallel = model(input_ids=ids).logits
-        merge(model)
-        merged = model(input_ids=ids).logits
-        unmerge(model)
-        compose(model, Parallel(["lora", "loha", "vera"], reduce="mean"))
-        mean = model(input_ids=ids).logits
+    stacked = logits(model, input_ids)
+    compose(model, Parallel(["lora", "loha", "vera"]))
+    parallel = logits(model, input_ids)
+    merge(model)
+    merged = logits(model, input_ids)
+    unmerge(model)
+    compose(model, Parallel(["lora", "loha", "vera"], reduce="mean"))
+    mean = logits(model, input_ids)
     torch.testing.assert_close(parallel, stacked, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged, stacked, atol=1e-5, rtol=0)
     assert (mean - stacked).abs().max() > 1e-2
@@ -171,7 +160,7 @@ def test_adapters_outside_the_composition_are_off_and_none_restores_the_stack():
             base = model(image)
         compose(model, None)
         back = model(image)
-        expected, plain = _only(model, "lora")(image), copy.deepcopy(model)
+        expected, plain = only_adapter(model, "lora")(image), copy.deepcopy(model)
         for name in NET_ADAPTERS:
             remove_adapter(plain, name)
     torch.testing.assert_close(only_lora, expected, atol=1e-6, rtol=0)
@@ -180,14 +169,12 @@ def test_adapters_outside_the_composition_are_off_and_none_restores_the_stack():
     assert active_composition(model) is None
 
 
-def test_fuse_starts_as_the_average_and_trains_only_its_own_parameters():
+def test_fuse_starts_as_the_average_and_trains_only_its_own_parameters(input_ids):
     model = _llama()
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        mean = compose(copy.deepcopy(model), Parallel(["lora", "loha", "vera"], reduce="mean"))(input_ids=ids)
+    mean = compose(copy.deepcopy(model), Parallel(["lora", "loha", "vera"], reduce="mean"))
     compose(model, Fuse(["lora", "loha", "vera"]), name="fusion")
-    out = model(input_ids=ids).logits
-    torch.testing.assert_close(out, mean.logits, atol=1e-5, rtol=0)
+    out = model(input_ids=input_ids).logits
+    torch.testing.assert_close(out, logits(mean, input_ids), atol=1e-5, rtol=0)
     trainable = {key for key, p in model.named_parameters() if p.requires_grad}
     fusion_keys = {key for key, _ in model.named_parameters() if ".fusions.fusion." in key}
     assert trainable == fusion_keys and len(fusion_keys) == 5 * len(wrappers(model))
@@ -233,7 +220,7 @@ def test_fuse_is_attention_over_the_adapters_changes_at_every_layer():
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0, msg=path)
 
 
-def test_fusion_files_round_trip(tmp_path):
+def test_fusion_files_round_trip(tmp_path, input_ids):
     model = _llama()
     fresh = copy.deepcopy(model)
     compose(model, Fuse(["lora", "vera"]), name="fusion")
@@ -245,9 +232,7 @@ def test_fusion_files_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fusion_config.json", "fusion_model.safetensors"]
     assert load_fusion(fresh, tmp_path) == "fusion"
     assert active_composition(fresh) == Fuse(["lora", "vera"])
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    torch.testing.assert_close(logits(fresh, input_ids), logits(model, input_ids), atol=0, rtol=0)
     assert {k for k, p in fresh.named_parameters() if p.requires_grad} == {
         k for k in dict(fresh.named_parameters()) if ".fusions." in k
     }

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from peft_testing import perturb_adapters, refused, tiny_llama
+from peft_testing import Block, make_tiny_llama, perturb_adapters, refused
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,24 +33,13 @@ from pipelines.core.peft import (
 from pipelines.core.peft.layers import AdaptedLayer
 
 
-class Block(nn.Module):
-    def __init__(self, bias: bool = True, affine: bool = True):
-        super().__init__()
-        self.q_proj = nn.Linear(8, 8, bias=bias)
-        self.norm = nn.LayerNorm(8, elementwise_affine=affine)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.norm(self.q_proj(x)))
-
-
 def stacked() -> nn.Module:
     model = add_adapter(Block(), LoRA(r=2, targets=["q_proj"]), name="domain")
     return add_adapter(model, LoRA(r=2, targets=["q_proj"]), name="task")
 
 
 def test_target_matching_nothing_lists_the_closest_names():
-    model = tiny_llama()
+    model = make_tiny_llama()
     with refused(
         "The lora adapter 'default' targets ['q_prj'] match no module of LlamaForCausalLM; closest module "
         "names: k_proj, o_proj, q_proj, up_proj, v_proj."

@@ -13,21 +13,6 @@ from torch import nn
 from pipelines.core.peft import LoRA, add_adapter
 from pipelines.core.peft.lora import LoRAAdapter
 
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the forwards that take the fused path."""
-    calls = []
-    original = LoRAAdapter.fused_forward
-
-    def counting(self, base, x):
-        calls.append(x.dtype)
-        return original(self, base, x)
-
-    monkeypatch.setattr(LoRAAdapter, "fused_forward", counting)
-    return calls
-
-
 DEVICES = [
     "cpu",
     pytest.param(

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from peft_testing import perturb_adapters, refused
-from peft_testing import tiny_llama as make_tiny_llama
+from peft_testing import copy_adapter_to_peft, import_hf_peft, logits, perturb_adapters, perturb_peft, refused
 from torch import nn
 
 from pipelines.core.peft import (
@@ -22,25 +21,8 @@ from pipelines.core.peft import (
     save_adapter,
 )
 
-peft = pytest.importorskip("peft", reason="HF peft is the oracle of these tests; pip install peft")
-transformers = pytest.importorskip("transformers")
+peft = import_hf_peft()
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    return make_tiny_llama()
-
-
-@pytest.fixture
-def input_ids():
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model, input_ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
 
 
 OURS = {
@@ -72,11 +54,7 @@ def test_hf_peft_files_load_in_ours(tiny_llama, input_ids, tmp_path, kind):
         use_dora=kind == "dora", use_rslora=kind == "rslora",
     )  # fmt: skip
     theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config).eval()
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, parameter in theirs.named_parameters():
-            if "lora_" in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    perturb_peft(theirs)
     theirs.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
     model = copy.deepcopy(tiny_llama)
@@ -99,17 +77,7 @@ def test_same_weights_same_forward_as_hf_peft(tiny_llama, input_ids):
         copy.deepcopy(tiny_llama), LoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
     )
     perturb_adapters(model, scale=0.3)
-    ours = {
-        n.replace(".adapters.default", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
-    }
-    copied = 0
-    with torch.no_grad():
-        for name, parameter in theirs.named_parameters():
-            if "lora_" in name:
-                key = name.removeprefix("base_model.model.").replace(".default", "")
-                parameter.copy_(ours[key])
-                copied += 1
-    assert copied == 2 * 2 * 3
+    assert len(copy_adapter_to_peft(model, theirs)) == 2 * 2 * 3
     model.train()  # the fused training path and the eval path both match
     torch.testing.assert_close(logits(model, input_ids), logits(theirs, input_ids), atol=1e-5, rtol=0)
     model.eval()
@@ -125,10 +93,7 @@ def test_embedding_lora_both_ways(tiny_llama, input_ids, tmp_path):
 
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "v_proj"])
     theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config).eval()
-    with torch.no_grad():
-        for name, parameter in theirs.named_parameters():
-            if "lora_" in name:
-                parameter.add_(torch.randn(parameter.shape) * 0.3)
+    perturb_peft(theirs)
     theirs.save_pretrained(tmp_path / "theirs", save_embedding_layers=False)
     model = copy.deepcopy(tiny_llama)
     load_adapter(model, tmp_path / "theirs")
@@ -159,10 +124,7 @@ def test_convolution_lora_both_ways(tmp_path):
     theirs = peft.get_peft_model(
         copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c1", "c3"])
     )
-    with torch.no_grad():
-        for name, parameter in theirs.named_parameters():
-            if "lora_" in name:
-                parameter.add_(torch.randn(parameter.shape) * 0.3)
+    perturb_peft(theirs)
     theirs.save_pretrained(tmp_path / "theirs")
     model = copy.deepcopy(base)
     load_adapter(model, tmp_path / "theirs")

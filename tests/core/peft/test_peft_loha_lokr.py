@@ -7,8 +7,18 @@ import json
 
 import pytest
 import torch
-from peft_testing import perturb_adapters, refused, weighted_loss
-from peft_testing import tiny_llama as make_tiny_llama
+from peft_testing import (
+    assert_same_base_weights,
+    copy_adapter_to_peft,
+    import_hf_peft,
+    llama_input_ids,
+    make_tiny_llama,
+    ours_and_peft,
+    perturb_adapters,
+    perturb_peft,
+    refused,
+    weighted_loss,
+)
 from torch import nn
 
 from pipelines.core.peft import (
@@ -25,22 +35,10 @@ from pipelines.core.peft import (
 )
 from pipelines.core.peft.lokr import factorization
 
-peft = pytest.importorskip("peft", reason="HF peft is the oracle of these tests; pip install peft")
-transformers = pytest.importorskip("transformers")
+peft = import_hf_peft()
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 ATTENTION = ["q_proj", "v_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    return make_tiny_llama()
-
-
-@pytest.fixture
-def input_ids():
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
 class Layers(nn.Module):
@@ -93,59 +91,43 @@ CASES = {
 
 def run(model, case: str):
     if case.endswith("llama"):
-        ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-        return model(input_ids=ids).logits
+        return model(input_ids=llama_input_ids()).logits
     return model(*layer_inputs())
 
 
 def pair(case: str):
-    """(base, ours, theirs): ours perturbed, theirs HF peft's model of the same config with our tensors."""
+    """(base, ours, theirs, tensors): ours perturbed, theirs HF peft's of the same config with our tensors."""
     spec, config, factory = CASES[case]
     torch.manual_seed(0)
     base = factory().eval()
-    ours = add_adapter(copy.deepcopy(base), spec)
+    ours, theirs = ours_and_peft(base, spec, config())
     perturb_adapters(ours, scale=0.3)
-    theirs = peft.get_peft_model(copy.deepcopy(base), config()).eval()
-    mine = {n.replace(".adapters.default", ""): p for n, p in ours.named_parameters() if ".adapters." in n}
-    theirs_named = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
-    keys = {n.removeprefix("base_model.model.").replace(".default", ""): n for n in theirs_named}
-    assert sorted(keys) == sorted(mine)  # the very same tensors, by name
-    with torch.no_grad():
-        for key, name in keys.items():
-            assert theirs_named[name].shape == mine[key].shape, key
-            theirs_named[name].copy_(mine[key])
-    return base, ours, theirs, keys
+    return base, ours, theirs.eval(), copy_adapter_to_peft(ours, theirs)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_layout_forward_gradients_and_merge_as_hf_peft(case):
-    base, ours, theirs, keys = pair(case)
+    base, ours, theirs, tensors = pair(case)
     assert count_parameters(ours).trainable == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     expected = run(theirs, case)
     assert not torch.allclose(expected, run(base, case), atol=1e-3)  # the adapter matters
     torch.testing.assert_close(run(ours, case), expected, atol=1e-5, rtol=0)
     weighted_loss(run(ours, case)).backward()
     weighted_loss(run(theirs, case)).backward()
-    mine = {n.replace(".adapters.default", ""): p for n, p in ours.named_parameters() if ".adapters." in n}
-    theirs_named = dict(theirs.named_parameters())
-    for key, name in keys.items():
+    keys = {key for key, _, _ in tensors}
+    for key, mine, their in tensors:
         if key.endswith(("hada_w1_a", "hada_w2_a")) and key.rsplit(".", 1)[0] + ".hada_t1" in keys:
             continue  # peft's HadaWeightCP backward gets these wrong: see the finite-difference test
-        torch.testing.assert_close(mine[key].grad, theirs_named[name].grad, atol=1e-4, rtol=1e-4, msg=key)
+        torch.testing.assert_close(mine.grad, their.grad, atol=1e-4, rtol=1e-4, msg=key)
     merge(ours)
-    merged = dict(theirs.merge_and_unload().named_parameters())
-    ours_base = {n.replace(".base_layer", ""): p for n, p in ours.named_parameters() if ".adapters." not in n}
-    assert ours_base.keys() == merged.keys()
-    for name, parameter in merged.items():
-        torch.testing.assert_close(ours_base[name], parameter, atol=1e-6, rtol=0, msg=name)
+    assert_same_base_weights(ours, theirs.merge_and_unload(), atol=1e-6)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_at_init_the_zero_factor_is_the_one_hf_peft_zeroes(case):
     spec, config, factory = CASES[case]
     base = factory().eval()
-    ours = add_adapter(copy.deepcopy(base), spec)
-    theirs = peft.get_peft_model(copy.deepcopy(base), config())
+    ours, theirs = ours_and_peft(base, spec, config())
     zero_ours = sorted(n.replace(".adapters.default", "") for n, p in ours.named_parameters()
                        if ".adapters." in n and not p.any())  # fmt: skip
     zero_theirs = sorted(n.removeprefix("base_model.model.").replace(".default", "")
@@ -179,10 +161,7 @@ def test_hf_peft_files_load_in_ours(case, tmp_path):
     torch.manual_seed(0)
     base = factory().eval()
     theirs = peft.get_peft_model(copy.deepcopy(base), config()).eval()
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in (p for p in theirs.parameters() if p.requires_grad):
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    perturb_peft(theirs)
     theirs.save_pretrained(tmp_path)
     model = copy.deepcopy(base)
     assert load_adapter(model, tmp_path) == "default"

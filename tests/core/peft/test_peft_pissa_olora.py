@@ -7,8 +7,17 @@ import json
 
 import pytest
 import torch
-from peft_testing import perturb_adapters, refused, weighted_loss
-from peft_testing import tiny_llama as make_tiny_llama
+from peft_testing import (
+    copy_adapter_to_peft,
+    import_hf_peft,
+    logits,
+    ours_and_peft,
+    peft_layers,
+    perturb_adapters,
+    perturb_peft,
+    refused,
+    weighted_loss,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,11 +33,9 @@ from pipelines.core.peft import (
     unmerge,
     wrappers,
 )
-from pipelines.core.peft.lora import LoRAAdapter
 from pipelines.core.recipe import StageSection
 
-peft = pytest.importorskip("peft", reason="HF peft is the oracle of these tests; pip install peft")
-transformers = pytest.importorskip("transformers")
+peft = import_hf_peft()
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
     "ignore:PiSSA changes the base weights of the model:UserWarning",
@@ -39,36 +46,12 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]  # 32 -> 32, 32 -> 16 and 64 -> 32, 
 INITS = ["pissa", "pissa_niter_2", "olora"]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    return make_tiny_llama()
-
-
-@pytest.fixture
-def input_ids():
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model, input_ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
-
-
 def both(tiny_llama, init: str, use_rslora: bool = False, seed: int = 5):
     """Ours and HF peft's on copies of the model, from the same seed (pissa_niter draws a random basis)."""
-    torch.manual_seed(seed)
-    ours = add_adapter(copy.deepcopy(tiny_llama), LoRA(r=4, alpha=8, init=init, use_rslora=use_rslora,
-                                                        targets=TARGETS))  # fmt: skip
-    torch.manual_seed(seed)
+    spec = LoRA(r=4, alpha=8, init=init, use_rslora=use_rslora, targets=TARGETS)
     config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, use_rslora=use_rslora,
                              target_modules=TARGETS)  # fmt: skip
-    return ours, peft.get_peft_model(copy.deepcopy(tiny_llama), config)
-
-
-def layers(ours, theirs):
-    named = dict(theirs.named_modules())
-    return [(w, named[f"base_model.model.{path}"]) for path, w in wrappers(ours)]
+    return ours_and_peft(tiny_llama, spec, config, seed)
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -76,7 +59,7 @@ def test_same_factors_and_residual_base_as_hf_peft_and_the_model_starts_as_its_b
     tiny_llama, input_ids, init
 ):
     ours, theirs = both(tiny_llama, init)
-    for wrapper, their in layers(ours, theirs):
+    for wrapper, their in peft_layers(ours, theirs):
         adapter = wrapper.adapters["default"]
         assert torch.equal(adapter.lora_A.weight, their.lora_A["default"].weight)
         assert torch.equal(adapter.lora_B.weight, their.lora_B["default"].weight)
@@ -86,17 +69,12 @@ def test_same_factors_and_residual_base_as_hf_peft_and_the_model_starts_as_its_b
 
 
 def test_frozen_residual_layer_takes_the_fused_path_and_gradients_reach_only_a_and_b(
-    tiny_llama, input_ids, monkeypatch
+    tiny_llama, input_ids, fused_calls
 ):
-    calls = []
-    original = LoRAAdapter.fused_forward
-    monkeypatch.setattr(
-        LoRAAdapter, "fused_forward", lambda self, b, x: calls.append(1) or original(self, b, x)
-    )
     ours = add_adapter(copy.deepcopy(tiny_llama), LoRA(r=4, alpha=8, init="pissa", targets=TARGETS))
     ours.train()
     weighted_loss(ours(input_ids=input_ids).logits).backward()
-    assert len(calls) == 6  # every adapted projection
+    assert len(fused_calls) == 6  # every adapted projection
     with_grad = {n for n, p in ours.named_parameters() if p.grad is not None}
     assert with_grad and all(n.endswith(("lora_A.weight", "lora_B.weight")) for n in with_grad)
     assert not any(b.requires_grad for n, b in ours.named_buffers() if "initial_lora" in n)
@@ -117,21 +95,14 @@ def test_merge_equals_unmerged_output_and_unmerge_restores_the_residual_bit_for_
     assert torch.equal(logits(ours, input_ids), expected)
 
 
-def _train_both(ours, theirs):
-    perturb_adapters(ours, scale=0.05)
-    with torch.no_grad():
-        for wrapper, their in layers(ours, theirs):
-            their.lora_A["default"].weight.copy_(wrapper.adapters["default"].lora_A.weight)
-            their.lora_B["default"].weight.copy_(wrapper.adapters["default"].lora_B.weight)
-
-
 @pytest.mark.parametrize(("init", "use_rslora"), [("pissa", False), ("olora", False), ("pissa", True)])
 def test_peft_file_is_the_plain_lora_peft_converts_to_and_loads_on_the_original_base(
     tiny_llama, input_ids, tmp_path, init, use_rslora
 ):
     ours, theirs = both(tiny_llama, init, use_rslora)
     theirs.save_pretrained(tmp_path / "initial")  # peft's conversion needs the adapter as initialised
-    _train_both(ours, theirs)
+    perturb_adapters(ours, scale=0.05)  # as if trained
+    copy_adapter_to_peft(ours, theirs)
     expected = logits(ours, input_ids)
     saved = save_adapter(ours, tmp_path / "ours", format="peft")
     theirs.save_pretrained(
@@ -189,9 +160,7 @@ def test_peft_pissa_file_without_conversion_loads_by_decomposing_the_base_as_pef
     tiny_llama, input_ids, tmp_path
 ):
     _, theirs = both(tiny_llama, "pissa")
-    with torch.no_grad():
-        for parameter in (p for p in theirs.parameters() if p.requires_grad):
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    perturb_peft(theirs, scale=0.05)
     theirs.save_pretrained(tmp_path / "theirs")
     assert (
         json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from peft_testing import refused, tiny_llama
+from peft_testing import import_hf_peft, make_tiny_llama, refused
 from torch import nn
 
 from pipelines.core.peft import (
@@ -25,7 +25,7 @@ from pipelines.core.peft import (
     wrappers,
 )
 
-peft = pytest.importorskip("peft", reason="HF peft is the oracle of these tests; pip install peft")
+peft = import_hf_peft()
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -48,7 +48,8 @@ def tiny_esm() -> nn.Module:
 
 
 MODELS = {
-    "llama": (tiny_llama, "CAUSAL_LM"), "llama_model": (lambda: tiny_llama().model, "FEATURE_EXTRACTION"),
+    "llama": (make_tiny_llama, "CAUSAL_LM"),
+    "llama_model": (lambda: make_tiny_llama().model, "FEATURE_EXTRACTION"),
     "bert": (tiny_bert, "FEATURE_EXTRACTION"), "esm": (tiny_esm, "FEATURE_EXTRACTION"),
 }  # fmt: skip
 VARIANTS = {

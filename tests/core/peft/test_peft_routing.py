@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from peft_testing import perturb_adapters, refused, weighted_loss
-from peft_testing import tiny_llama as make_tiny_llama
+from peft_testing import logits, make_tiny_llama, only_adapter, perturb_adapters, refused, weighted_loss
 from torch import nn
 
 from pipelines.core.peft import (
@@ -26,7 +25,6 @@ from pipelines.core.peft import (
     compose,
     disable_adapters,
     merge,
-    remove_adapter,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -81,13 +79,6 @@ def llama():
     return _adapted(make_tiny_llama(), LLAMA_ADAPTERS)
 
 
-def _only(model: nn.Module, name: str) -> nn.Module:
-    alone = copy.deepcopy(model)
-    for other in [n for n in list(alone._peft_adapter_specs) if n != name]:
-        remove_adapter(alone, other)
-    return alone
-
-
 def _grouped(model: nn.Module, names: list, batch: torch.Tensor, run) -> torch.Tensor:
     """Each group of examples run alone, with only its adapter (or none), put back in batch order."""
     out = [None] * len(names)
@@ -97,7 +88,7 @@ def _grouped(model: nn.Module, names: list, batch: torch.Tensor, run) -> torch.T
             with disable_adapters(model):
                 result = run(model, batch[index])
         else:
-            result = run(_only(model, name), batch[index])
+            result = run(only_adapter(model, name), batch[index])
         for row, i in zip(result, index, strict=True):
             out[i] = row
     return torch.stack(out)
@@ -106,21 +97,14 @@ def _grouped(model: nn.Module, names: list, batch: torch.Tensor, run) -> torch.T
 ROUTE = ["lora", "loha", None, "lokr", "vera", "ia3", "lora", "dora", None]
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 def test_a_mixed_batch_on_a_tiny_llama_equals_each_group_alone(llama):
     ids = torch.randint(0, 64, (len(ROUTE), 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         stacked = llama(input_ids=ids).logits
     with adapter_routing(llama, ROUTE):
-        routed = _logits(llama, ids)
-    torch.testing.assert_close(routed, _grouped(llama, ROUTE, ids, _logits), atol=1e-6, rtol=0)
-    torch.testing.assert_close(
-        _logits(llama, ids), stacked, atol=0, rtol=0
-    )  # the stack again after the block
+        routed = logits(llama, ids)
+    torch.testing.assert_close(routed, _grouped(llama, ROUTE, ids, logits), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(llama, ids), stacked, atol=0, rtol=0)  # the stack again after the block
 
 
 def test_greedy_generation_under_routing_equals_each_group_alone(llama):
@@ -159,7 +143,7 @@ def test_routed_gradients_reach_only_the_adapters_used_and_equal_the_groups_own(
         parameter.requires_grad_(".adapters." in key)
     with adapter_routing(model, names):
         weighted_loss(model(images)[[0, 2]]).backward()
-    alone = _only(model, "lora")
+    alone = only_adapter(model, "lora")
     alone.zero_grad()
     weighted_loss(alone(images[[0, 2]])).backward()
     for key, parameter in model.named_parameters():
@@ -215,8 +199,8 @@ def test_routing_refusals(llama):
         with adapter_routing(prompted, ["prompt", None]):
             pass
     with adapter_routing(prompted, ["lora", None]):  # the prompt is off for every example
-        out = _logits(prompted, ids[:2])
-    torch.testing.assert_close(out, _grouped(llama, ["lora", None], ids[:2], _logits), atol=1e-6, rtol=0)
+        out = logits(prompted, ids[:2])
+    torch.testing.assert_close(out, _grouped(llama, ["lora", None], ids[:2], logits), atol=1e-6, rtol=0)
     batch_norm = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     add_adapter(batch_norm, NormTuning(targets=["1"]), "norm")
     with refused(

@@ -9,7 +9,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import yaml
-from peft_testing import perturb_adapters, refused, relative_error, tiny_llama, weighted_loss
+from peft_testing import make_tiny_llama, perturb_adapters, refused, relative_error, weighted_loss
 from torch import nn
 
 from pipelines.core.peft import (
@@ -130,7 +130,7 @@ def test_save_load_keeps_the_chosen_channels(tmp_path):
 
 def test_merges_into_a_llama_projection():
     torch.manual_seed(0)
-    base = tiny_llama()
+    base = make_tiny_llama()
     batches = [{"input_ids": torch.randint(0, 64, (2, 7))} for _ in range(2)]
     spec = select_salient_channels(base, SCT(fraction=0.25, bias=False, targets=["down_proj"]), batches)
     assert sorted(spec.selected) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]

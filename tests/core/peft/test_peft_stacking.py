@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from peft_testing import perturb_adapters, relative_error
+from peft_testing import Block, perturb_adapters, relative_error
 from torch import nn
 
 from pipelines.core.peft import (
@@ -31,17 +31,6 @@ from pipelines.core.peft import (
     unmerge,
 )
 from pipelines.core.peft.layers import AdaptedLayer
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(8, 8)
-        self.norm = nn.LayerNorm(8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.norm(self.q_proj(x)))
 
 
 def lora_delta(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,17 @@ import json
 
 import pytest
 import torch
-from peft_testing import perturb_adapters, refused, weighted_loss
-from peft_testing import tiny_llama as make_tiny_llama
+from peft_testing import (
+    assert_same_base_weights,
+    copy_adapter_to_peft,
+    import_hf_peft,
+    logits,
+    ours_and_peft,
+    perturb_adapters,
+    perturb_peft,
+    refused,
+    weighted_loss,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,8 +33,7 @@ from pipelines.core.peft import (
     unmerge,
 )
 
-peft = pytest.importorskip("peft", reason="HF peft is the oracle of these tests; pip install peft")
-transformers = pytest.importorskip("transformers")
+peft = import_hf_peft()
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
     "ignore:Specified to not load vera_A and vera_B:UserWarning",
@@ -35,40 +43,15 @@ pytestmark = pytest.mark.filterwarnings(
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # 32 -> 32, 32 -> 16 and 64 -> 32, in each of 2 layers
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    return make_tiny_llama()
-
-
-@pytest.fixture
-def input_ids():
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model, input_ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
-
-
 def projections(model: nn.Module, name: str = "default") -> list[nn.Module]:
     return [m.adapters[name].projections for m in model.modules() if name in getattr(m, "adapters", {})]
 
 
-def perturb_theirs(theirs: nn.Module) -> None:
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in (p for p in theirs.parameters() if p.requires_grad):
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-
-
 def test_same_projections_forward_gradients_and_merge_as_hf_peft(tiny_llama, input_ids):
     spec = VeRA(r=4, projection_prng_key=11, d_initial=0.2, targets=TARGETS)
-    ours = add_adapter(copy.deepcopy(tiny_llama), spec)
-    theirs = peft.get_peft_model(
-        copy.deepcopy(tiny_llama),
-        peft.VeraConfig(r=4, projection_prng_key=11, d_initial=0.2, target_modules=TARGETS),
-    ).eval()
+    config = peft.VeraConfig(r=4, projection_prng_key=11, d_initial=0.2, target_modules=TARGETS)
+    ours, theirs = ours_and_peft(tiny_llama, spec, config)
+    theirs.eval()
     shared = projections(ours)
     assert len(shared) == 6 and all(p is shared[0] for p in shared)  # one pair for every layer
     assert torch.equal(shared[0].vera_A, theirs.base_model.vera_A["default"])  # (4, 64): the widest input
@@ -76,26 +59,17 @@ def test_same_projections_forward_gradients_and_merge_as_hf_peft(tiny_llama, inp
     assert shared[0].vera_A.shape == (4, 64) and shared[0].vera_B.shape == (32, 4)
     torch.testing.assert_close(logits(ours, input_ids), logits(tiny_llama, input_ids), atol=0, rtol=0)
     perturb_adapters(ours, scale=0.3)
-    mine = {n.replace(".adapters.default", ""): p for n, p in ours.named_parameters() if ".adapters." in n}
-    theirs_named = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
-    keys = {n.removeprefix("base_model.model.").replace(".default", ""): n for n in theirs_named}
-    assert sorted(keys) == sorted(mine) and all(k.endswith(("vera_lambda_b", "vera_lambda_d")) for k in keys)
-    with torch.no_grad():
-        for key, name in keys.items():
-            theirs_named[name].copy_(mine[key])
+    tensors = copy_adapter_to_peft(ours, theirs)
+    assert all(key.endswith(("vera_lambda_b", "vera_lambda_d")) for key, _, _ in tensors)
     torch.testing.assert_close(logits(ours, input_ids), logits(theirs, input_ids), atol=1e-5, rtol=0)
     ours.train()
     weighted_loss(ours(input_ids=input_ids).logits).backward()
     weighted_loss(theirs(input_ids=input_ids).logits).backward()
-    for key, name in keys.items():
-        torch.testing.assert_close(mine[key].grad, theirs_named[name].grad, atol=1e-4, rtol=1e-4, msg=key)
+    for key, mine, their in tensors:
+        torch.testing.assert_close(mine.grad, their.grad, atol=1e-4, rtol=1e-4, msg=key)
     ours.eval()
     merge(ours)
-    merged = dict(theirs.merge_and_unload().named_parameters())
-    ours_base = {n.replace(".base_layer", ""): p for n, p in ours.named_parameters() if ".adapters." not in n}
-    assert ours_base.keys() == merged.keys()
-    for name, parameter in merged.items():
-        torch.testing.assert_close(ours_base[name], parameter, atol=1e-6, rtol=0, msg=name)
+    assert_same_base_weights(ours, theirs.merge_and_unload(), atol=1e-6)
 
 
 def test_only_d_and_b_train_and_the_projections_are_frozen_buffers(tiny_llama, input_ids):
@@ -147,7 +121,7 @@ def test_hf_peft_files_load_in_ours(tiny_llama, input_ids, tmp_path, save_projec
         r=8, projection_prng_key=3, save_projection=save_projection, target_modules=TARGETS
     )
     theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config).eval()
-    perturb_theirs(theirs)
+    perturb_peft(theirs)
     theirs.save_pretrained(tmp_path)
     model = copy.deepcopy(tiny_llama)
     assert load_adapter(model, tmp_path) == "default"
@@ -161,7 +135,7 @@ def test_projections_saved_by_hf_peft_are_used_as_saved(tiny_llama, input_ids, t
     theirs = peft.get_peft_model(
         copy.deepcopy(tiny_llama), peft.VeraConfig(r=4, target_modules=TARGETS)
     ).eval()
-    perturb_theirs(theirs)
+    perturb_peft(theirs)
     theirs.save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     tensors = load_file(weights)
