@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipelines.core.evaluation.report import REPORT_SCHEMA
 from pipelines.core.experiment import compare_label
-from pipelines.core.recipe import Recipe, validate_recipe_file
+from pipelines.core.recipe import Recipe, load_recipe, validate_recipe_file
 from pipelines.core.registry import demo_recipes
 from pipelines.core.runner import run_recipe
 
@@ -18,10 +20,7 @@ REFUSED = {
     "imaging": {},
     "clinical": {},
     "protein": {"data.shots_per_class": "a regression task has no classes"},  # GB1 fitness is regression
-    "speech": {
-        "data.fraction": "speech/speaker_adaptation does not sample a fraction",
-        "data.shots_per_class": "speech/speaker_adaptation has no classes",
-    },
+    "speech": {"data.shots_per_class": "speech/speaker_adaptation has no classes"},  # fraction: of clips
 }
 
 
@@ -110,12 +109,29 @@ def _clinical_recipe(tmp_path) -> dict:
         "stages": [{"name": "task", "objective": "classification", "adapter": lora,
                     "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2}, "options": {"max_length": 16}}],
         "evaluation": {"metrics": ["auroc"], "bootstrap": 20},
-        "compare": ["head_only"],  # clinical takes baseline names only (refused at validate otherwise)
+        "compare": ["head_only", {"method": "lora", "r": 4, "targets": ["q_proj"]}],
         "output_dir": str(tmp_path / "runs"),
     }  # fmt: skip
 
 
-TINY = {"protein": _protein_recipe, "imaging": _imaging_recipe, "clinical": _clinical_recipe}
+def _speech_recipe(tmp_path) -> dict:
+    """A tiny random FastSpeech2Conformer adapted to FSDD's held-out speaker from 20 clips (2 per digit)."""
+    if not (Path(os.environ.get("PEFT_PIPELINES_DATA", "")) / "fsdd" / "recordings").is_dir():
+        pytest.skip("FSDD is not in the data mirror (PEFT_PIPELINES_DATA)")
+    overrides = [
+        "backbone.name=test_tiny_fastspeech2_conformer", "stages.0.train.max_steps=3",
+        "stages.0.adapter.hidden=4", "data.options.adaptation_clips=20", "data.options.samples=0",
+        "data.options.eval_clips_per_digit=1", "evaluation.metrics=[mcd]", "evaluation.bootstrap=20",
+        "compare=[lora, base, {method: lora, r: 2}]",
+    ]  # fmt: skip
+    recipe = load_recipe("speech/fastspeech2_conformer_speaker_adapter", overrides).model_dump(mode="json")
+    return recipe | {"output_dir": str(tmp_path / "runs")}
+
+
+TINY = {
+    "protein": _protein_recipe, "imaging": _imaging_recipe, "clinical": _clinical_recipe,
+    "speech": _speech_recipe,
+}  # fmt: skip
 
 
 def _run(recipe: dict) -> dict:
