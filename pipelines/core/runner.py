@@ -20,6 +20,7 @@ import yaml
 
 from pipelines.core.checkpoint import seed_everything
 from pipelines.core.evaluation import RunResult, write_report
+from pipelines.core.evaluation.report_markdown import signed_numbers
 from pipelines.core.recipe import (
     Recipe,
     apply_overrides,
@@ -246,8 +247,8 @@ def _comparison(report: Mapping[str, Any], baselines: Sequence[str] = ()) -> str
     metric, model, value = headline["metric"], headline["model"], headline.get("value")
     paired = best_baseline_comparison(report, baselines) if report.get("comparisons") else None
     if paired is not None and paired.get("difference") is not None:
-        interval = f"[{_signed(paired.get('low'))}, {_signed(paired.get('high'))}]"
-        return f"minus {paired['baseline']} {_signed(paired['difference'])} {interval}, p = {_p(paired)}"
+        difference, low, high = signed_numbers(paired["difference"], paired.get("low"), paired.get("high"))
+        return f"minus {paired['baseline']} {difference} [{low}, {high}], p = {_p(paired)}"
     results = report.get("results", {})
     named = [name for name in baselines if name in results]
     others = {
@@ -266,10 +267,6 @@ def _comparison(report: Mapping[str, Any], baselines: Sequence[str] = ()) -> str
     best = max(others, key=lambda name: sign * others[name])
     verb = "beat" if sign * value > sign * others[best] else "tied" if value == others[best] else "lost to"
     return f"{verb} {best} ({_number(others[best])})"
-
-
-def _signed(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:+.3f}"
 
 
 def _p(comparison: Mapping[str, Any]) -> str:

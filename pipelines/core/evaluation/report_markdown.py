@@ -116,10 +116,13 @@ def _evaluation_sentence(payload: Mapping[str, Any]) -> str:
     return sentence
 
 
-def _signed(value: Any) -> str:
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    return ("-" if value < 0 else "+") + format_number(abs(value))
+def signed_numbers(*values: Any) -> list[str]:
+    """Signed numbers in one format, so a difference and its interval read alike: 3 decimals when the
+    largest is 0 or in [0.01, 1000), else 3 significant digits; ``n/a`` for a missing or NaN one."""
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    largest = max(finite, default=0.0)
+    spec = "+.3f" if largest == 0 or 0.01 <= largest < 1000 else "+.3g"
+    return ["n/a" if v is None or not math.isfinite(v) else format(v, spec) for v in values]
 
 
 def format_p(value: Any) -> str:
@@ -133,9 +136,10 @@ def format_p(value: Any) -> str:
 
 def comparison_sentence(model: str, baseline: str, metric: str, row: Mapping[str, Any]) -> str:
     """One comparison of a report's `comparisons` section as a sentence."""
-    text = f"{model} minus {baseline}: {metric} {_signed(row.get('difference'))}"
+    difference, low, high = signed_numbers(row.get("difference"), row.get("low"), row.get("high"))
+    text = f"{model} minus {baseline}: {metric} {difference}"
     if row.get("low") is not None and row.get("high") is not None:
-        text += f" [{_signed(row['low'])}, {_signed(row['high'])}]"
+        text += f" [{low}, {high}]"
     if row.get("p_value") is not None:  # None: no resamples, or the metric is undefined
         text += f", paired bootstrap {format_p(row['p_value'])}"
         if "p_holm" in row:

@@ -389,3 +389,17 @@ def test_regression_targets_stored_as_float32_by_one_model_are_the_same_test_set
     changed = {"lora": (y, a), "one_hot": (y + 1e-3, b)}  # really other targets: still refused
     payload = run_comparisons(RunResult("r", "toy/x", "regression", "spearman", "lora", results, changed))
     assert payload["not_compared"] == {"one_hot": "its test labels differ from those of lora"}
+
+
+def test_a_difference_and_its_interval_share_one_number_format():
+    from pipelines.core.evaluation.report_markdown import comparison_sentence
+
+    row = {"difference": -0.0221, "low": -0.0473, "high": 0.003018, "p_value": 0.086}
+    assert comparison_sentence("lora", "one_hot", "mse", row) == (
+        "lora minus one_hot: mse -0.022 [-0.047, +0.003], paired bootstrap p = 0.086."
+    )
+    tiny = {"difference": 0.00012, "low": -0.00031, "high": 0.00052, "p_value": float("nan")}
+    assert (
+        comparison_sentence("a", "b", "mse", tiny)
+        == "a minus b: mse +0.00012 [-0.00031, +0.00052], paired bootstrap p = n/a."
+    )
