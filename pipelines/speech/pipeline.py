@@ -41,12 +41,40 @@ def _utterances(data: str | Path | list[Utterance], speaker: str) -> list[Uttera
     return list(data)
 
 
-def _low_data_refusals(recipe, fix: str) -> list[tuple[str, str]]:
+def _low_data_refusals(recipe, fix: str, fraction: bool = False) -> list[tuple[str, str]]:
+    """Refuse ``data.shots_per_class``, and ``data.fraction`` unless the pipeline draws one (``fraction``)."""
     refused = []
-    if recipe.data.fraction != 1.0:
+    if recipe.data.fraction != 1.0 and not fraction:
         refused.append(("data.fraction", f"{recipe.pipeline} does not sample a fraction of its data; {fix}"))
     if recipe.data.shots_per_class is not None:
         refused.append(("data.shots_per_class", f"{recipe.pipeline} has no classes to count shots of; {fix}"))
+    return refused
+
+
+def _folder_refusals(recipe) -> list[tuple[str, str]]:
+    """``speaker_folder`` and ``test_folder`` go together, replace the FSDD clip choice, and (for now) need
+    a transformers backbone."""
+    given = {key for key, value in recipe.data.options.items() if value is not None}
+    where = "data.options."
+    if "speaker_folder" not in given:
+        if "test_folder" not in given:
+            return []
+        reason = "test_folder is read with speaker_folder; set both, or neither to adapt to an FSDD speaker"
+        return [(where + "test_folder", reason)]
+    refused = [
+        (where + key, f"{key} chooses FSDD clips; with speaker_folder all test_folder clips are scored")
+        for key in ("target_speaker", "eval_clips_per_digit")
+        if key in given
+    ]
+    if "test_folder" not in given:
+        reason = "speaker_folder needs test_folder: held-out WAV files of the same speaker to score"
+        refused.append((where + "test_folder", reason))
+    if not is_hf_backbone(recipe.backbone.name):
+        reason = (
+            "speaker_folder is read with transformers backbones only; the FSDD base adapts to an FSDD "
+            "speaker (data.options.target_speaker)"
+        )
+        refused.append((where + "speaker_folder", reason))
     return refused
 
 
@@ -108,10 +136,10 @@ class SpeakerAdaptationPipeline:
 
     @classmethod
     def check_recipe(cls, recipe) -> list[tuple[str, str]]:
-        """Refuse the generic low-data fields: a speaker is adapted from a number of clips."""
-        return _low_data_refusals(
-            recipe, "choose the number of adaptation clips with data.options.adaptation_clips"
-        )
+        """Refuse ``data.shots_per_class`` (``data.fraction`` draws that share of the adaptation clips, per
+        digit where digits are known) and speaker folder options that would go unread."""
+        fix = "choose the number of adaptation clips with data.options.adaptation_clips"
+        return _low_data_refusals(recipe, fix, fraction=True) + _folder_refusals(recipe)
 
     @classmethod
     def from_recipe(cls, recipe):
@@ -143,11 +171,6 @@ class SpeakerAdaptationPipeline:
             raise ValueError(
                 "compare: 'base' is for transformers backbones; the FSDD base model's own voice is "
                 "'nearest_speaker'"
-            )
-        if options.data.speaker_folder or options.data.test_folder:
-            raise ValueError(
-                "data.options.speaker_folder/test_folder are read with transformers backbones only; "
-                "the FSDD base adapts to an FSDD speaker (data.options.target_speaker)"
             )
         pipe = cls(recipe.backbone.name, stage.adapter or default_adapter(), stage.train, options.backbone,
                    **common)  # fmt: skip

@@ -37,8 +37,8 @@ def target_clips(
     """The target's clips for ``data`` (AdaptationDataOptions); ``name`` names a folder's speaker.
 
     Raises:
-        ValueError: ``test_folder`` is missing beside ``speaker_folder`` or shares clips with it, or the
-            FSDD target is a base speaker.
+        ValueError: One of ``speaker_folder`` and ``test_folder`` is given without the other, they share
+            clips, or the FSDD target is a base speaker.
     """
     if data.speaker_folder is not None:
         if data.test_folder is None:
@@ -61,6 +61,8 @@ def target_clips(
             "target_speaker": name,
         }
         return TargetClips(name, session.examples(train), session.examples(test), train + test, info)
+    if data.test_folder is not None:
+        raise ValueError("data.options.test_folder is read with speaker_folder; set both, or neither")
     target = data.target_speaker or held_out
     if target in base_speakers:
         raise ValueError(

@@ -135,5 +135,7 @@ def test_target_clips_refuse_a_folder_without_held_out_clips(tmp_path):
     same = AdaptationDataOptions(speaker_folder=str(train), test_folder=str(train))
     with pytest.raises(ValueError, match=r"test_folder shares 2 clip\(s\) with speaker_folder \(a.wav"):
         target_clips(session, same, "yweweler", [], "me")
+    with pytest.raises(ValueError, match="test_folder is read with speaker_folder; set both"):
+        target_clips(session, AdaptationDataOptions(test_folder=str(train)), "yweweler", [], "me")
     with pytest.raises(ValueError, match="target_speaker 'george' is one of the base speakers"):
         target_clips(session, AdaptationDataOptions(target_speaker="george"), "yweweler", ["george"], "me")

@@ -136,7 +136,7 @@ def test_a_recipe_with_a_bad_speaker_folder_fails_in_one_line(tmp_path, capsys, 
     test = _folder(tmp_path / "test", ("c",), metadata="c|three\n")
     damage(train)
     recipe = yaml.safe_load((RECIPES / "speecht5_speaker_adapter.yaml").read_text())
-    recipe["output_dir"] = str(tmp_path / "runs")
+    recipe["output_dir"], recipe["data"]["options"] = str(tmp_path / "runs"), {"samples": 1}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     line = _one_line_error(
         capsys,
@@ -145,3 +145,33 @@ def test_a_recipe_with_a_bad_speaker_folder_fails_in_one_line(tmp_path, capsys, 
          "data.options.adaptation_clips=all"],
     )  # fmt: skip
     assert re.search(expected, line), line
+
+
+@pytest.mark.parametrize(
+    ("backbone", "options", "expected"),
+    [
+        ("test_tiny_speecht5", {"test_folder": "t"}, ["data.options.test_folder: test_folder is read with "
+                                                      "speaker_folder; set both"]),
+        ("test_tiny_speecht5", {"speaker_folder": "s"}, ["data.options.test_folder: speaker_folder needs "
+                                                         "test_folder"]),
+        ("test_tiny_speecht5", {"speaker_folder": "s", "test_folder": "t", "target_speaker": "theo",
+                                "eval_clips_per_digit": 2},
+         ["data.options.target_speaker: target_speaker chooses FSDD clips; with speaker_folder all",
+          "data.options.eval_clips_per_digit: eval_clips_per_digit chooses FSDD clips"]),
+        ("fsdd_multispeaker", {"speaker_folder": "s", "test_folder": "t"},
+         ["data.options.speaker_folder: speaker_folder is read with transformers backbones only"]),
+    ],
+)  # fmt: skip
+def test_validate_refuses_speaker_folder_options_that_would_go_unread(tmp_path, backbone, options, expected):
+    from pipelines.core.recipe import validate_recipe_file
+
+    recipe = yaml.safe_load((RECIPES / "speecht5_speaker_adapter.yaml").read_text())
+    recipe["backbone"]["name"], recipe["data"]["options"] = backbone, options
+    if backbone == "fsdd_multispeaker":
+        recipe["backbone"]["options"], recipe["compare"] = {}, ["lora"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    errors = validate_recipe_file(tmp_path / "recipe.yaml")
+    messages = sorted(f"{error.path}: {error.message}" for error in errors)
+    assert len(messages) == len(expected), messages
+    for message, start in zip(messages, sorted(expected), strict=True):
+        assert message.startswith(start), messages
