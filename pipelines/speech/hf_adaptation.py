@@ -29,12 +29,20 @@ from pipelines.core.peft.inject import logical_modules, matches
 from pipelines.core.recipe import StageSection
 from pipelines.core.training import TrainConfig, TrainResult
 from pipelines.speech.adaptation import baseline_stage
-from pipelines.speech.audio import load_wav
+from pipelines.speech.audio import AUDIO, load_wav, mel_spectrogram, resample
 from pipelines.speech.data import Utterance, peak_normalize, uniform_durations
 from pipelines.speech.hf_features import HfExample, collate_hf, log_mel, mel_bins_below
 from pipelines.speech.hf_tts import HfTts, hf_adapter_targets
 from pipelines.speech.pitch import harvest_f0
-from pipelines.speech.scoring import Synthesis, evaluate_scores, merge_syntheses, score_waveforms
+from pipelines.speech.scoring import (
+    EMPTY,
+    NO_DIGIT,
+    SCORE_COLUMNS,
+    Synthesis,
+    evaluate_scores,
+    merge_syntheses,
+    score_waveforms,
+)
 
 __all__ = [
     "HF_METHODS",
@@ -46,6 +54,7 @@ __all__ = [
     "mirror_adapters",
     "adapt_hf",
     "score_hf",
+    "add_intelligibility",
     "hf_loss",
     "default_hf_adapter",
 ]
@@ -53,6 +62,7 @@ __all__ = [
 HF_METHODS = ("lora", "full_finetune", "base")
 HF_METRICS = ("mcd", "log_f0_rmse", "gpe", "vde", "f0_coverage", "log_mel_cepstral_distance")
 LN10 = math.log(10.0)
+TOO_SHORT = "the synthesis is shorter than the digit classifier's 46 ms window"
 
 
 @dataclass
@@ -239,8 +249,9 @@ def adapt_hf(
 
 
 @torch.no_grad()
-def score_hf(model: HfTts, examples: list[HfExample], seed: int = 0) -> Synthesis:
-    """Synthesise, vocode and score each example against its recording (:data:`HF_METRICS`)."""
+def score_hf(model: HfTts, examples: list[HfExample], seed: int = 0, evaluators=None) -> Synthesis:
+    """Synthesise, vocode and score each example against its recording (:data:`HF_METRICS`); with the FSDD
+    ``evaluators``, also intelligibility (:func:`add_intelligibility`)."""
     rate = model.features.sample_rate
     parts = []
     for example in examples:
@@ -250,7 +261,26 @@ def score_hf(model: HfTts, examples: list[HfExample], seed: int = 0) -> Synthesi
         parts.append(
             score_waveforms([example.utterance], [wav], rate, [example.mel * LN10], [mel * LN10], bins)
         )
-    return merge_syntheses(parts)
+    synthesis = merge_syntheses(parts)
+    return synthesis if evaluators is None else add_intelligibility(synthesis, examples, rate, evaluators)
+
+
+def add_intelligibility(synthesis: Synthesis, examples: list[HfExample], rate: int, evaluators) -> Synthesis:
+    """Fill the digit column: the FSDD digit classifier reads each synthesis resampled to 22,050 Hz in its
+    own HiFi-GAN features (the model's mels are another scale); a clip without a digit stays unscored."""
+    column = SCORE_COLUMNS.index("digit_prediction")
+    resampled = [resample(wav, rate, AUDIO.sample_rate) if len(wav) else wav for wav in synthesis.waveforms]
+    audible = [row for row, wav in enumerate(resampled) if len(wav) > AUDIO.n_fft]
+    if audible:
+        mels = [mel_spectrogram(resampled[row]) for row in audible]
+        synthesis.scores[audible, column] = evaluators.digit_predictions(mels)
+    for row, (example, reasons) in enumerate(zip(examples, synthesis.unscored, strict=True)):
+        reasons.pop("intelligibility", None)
+        if example.utterance.digit is None:
+            reasons["intelligibility"] = NO_DIGIT
+        elif row not in audible:
+            reasons["intelligibility"] = EMPTY if not len(resampled[row]) else TOO_SHORT
+    return synthesis
 
 
 def evaluate_hf(

@@ -6,16 +6,23 @@ from pathlib import Path
 
 import torch
 
+from pipelines.core.evaluation import EvaluationReport
 from pipelines.core.peft import disable_adapters, spec_to_dict
 from pipelines.speech.audio import load_wav
 from pipelines.speech.data import Example, collate_examples, peak_normalize
 from pipelines.speech.plots import plot_mels
-from pipelines.speech.scoring import Synthesis, score_waveforms, write_samples
+from pipelines.speech.scoring import (
+    Synthesis,
+    evaluate_scores,
+    score_recordings,
+    score_waveforms,
+    write_samples,
+)
 
 __all__ = [
     "adapter_facts",
     "METRIC_NOTES", "REFERENCE_MODELS", "probe_mels", "disabled_equals_base", "score_second_takes",
-    "reference_notes", "write_media",
+    "reference_notes", "reference_results", "write_media",
 ]  # fmt: skip
 
 METRIC_NOTES = [
@@ -42,6 +49,10 @@ METRIC_NOTES = [
     "uniformly over the characters, leading/trailing frames go to silence tokens.",
 ]
 REFERENCE_MODELS = ("vocoded_recording", "second_take")
+RECORDING_NOTE = (
+    "recording scores the real test recordings themselves with the digit classifier, the intelligibility "
+    "a synthesis is read against (that metric only: any other would compare a recording with itself)"
+)
 
 
 def score_second_takes(examples, takes, evaluators, num_bins: int | None) -> Synthesis:
@@ -62,8 +73,23 @@ def score_second_takes(examples, takes, evaluators, num_bins: int | None) -> Syn
     )
 
 
-def reference_notes(data, takes, test_examples) -> list[str]:
-    """What the reference rows are (``data``: AdaptationDataOptions), and which takes second_take used."""
+def reference_results(
+    references: dict[str, Synthesis], examples: list[Example], evaluators, bootstrap: int, seed: int, metrics
+) -> dict[str, EvaluationReport]:
+    """The reference rows' results: each of ``references`` on ``metrics`` and, when intelligibility is
+    scored and some test clip has a digit, ``recording`` (the recordings themselves, intelligibility only)."""
+    results = {label: evaluate_scores(s, bootstrap, seed, metrics) for label, s in references.items()}
+    digits = any(e.utterance.digit is not None for e in examples)
+    if evaluators is not None and "intelligibility" in metrics and digits:
+        results["recording"] = evaluate_scores(
+            score_recordings(examples, evaluators), bootstrap, seed, ["intelligibility"]
+        )
+    return results
+
+
+def reference_notes(data, takes, test_examples, recording: bool = False) -> list[str]:
+    """What the reference rows are (``data``: AdaptationDataOptions; ``recording``: the row of
+    :func:`reference_results` is there), and which takes second_take used."""
     rows = []
     if data.vocode_reference:
         rows.append(
@@ -72,16 +98,18 @@ def reference_notes(data, takes, test_examples) -> list[str]:
         )
     if takes is not None:
         rows.append(
-            "second_take scores another real take of the same digit by the same speaker against each test "
+            "second_take scores another real take of the same text by the same speaker against each test "
             "recording: what natural variation alone gives (its speaker_similarity, real against real, is "
             "the ceiling of that metric)"
         )
+    if recording:
+        rows.append(RECORDING_NOTE)
     notes = (
         ["Reference rows, not competitors (report.json extra.reference_models): " + "; ".join(rows) + "."]
         if rows
         else []
     )
-    if takes is not None:
+    if takes is not None and all(t.utterance.index is not None for t in [*takes, *test_examples]):
         indices = sorted({t.utterance.index for t in takes})
         scored = sorted({e.utterance.index for e in test_examples})
         unseen = all(i < 5 for i in indices)  # FSDD test split: no evaluator trained on them
@@ -92,8 +120,13 @@ def reference_notes(data, takes, test_examples) -> list[str]:
             "same digit (extra.second_takes lists each pair)"
             + ("; no evaluator was trained on them." if unseen else ".")
         )
+    elif takes is not None:
+        notes.append(
+            "second_take uses other takes of the test texts in the speaker's folders, never used for "
+            "adaptation in this run (extra.second_takes lists each pair)."
+        )
     elif data.second_take_reference:
-        notes.append("No second_take row: some test digit has no take left that is neither scored nor used.")
+        notes.append("No second_take row: some test text has no take left that is neither scored nor used.")
     return notes
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "score_waveforms",
     "merge_syntheses",
     "synthesize_and_score",
+    "score_recordings",
     "evaluate_scores",
     "unscored_summary",
     "unscored_notes",
@@ -63,7 +64,7 @@ LOWER_IS_BETTER = ("mcd", "log_f0_rmse", "gpe", "vde", "log_mel_cepstral_distanc
 EMPTY = "the synthesis is empty"
 NOT_VOICED_IN_BOTH = "no DTW-aligned frame pair is voiced in both"
 NO_EVALUATORS = "no evaluators (data.options.evaluators is off)"
-NO_DIGIT = "no digit label (not an FSDD clip)"
+NO_DIGIT = "no digit label (the transcript is not one digit word)"
 _DIGIT = SCORE_COLUMNS.index("digit_prediction")
 
 
@@ -258,6 +259,20 @@ def synthesize_and_score(
         num_bins,
         evaluators,
     )
+
+
+def score_recordings(examples: list[Example], evaluators) -> Synthesis:
+    """The test recordings themselves through the digit classifier (the ``recording`` reference row).
+
+    Only the digit column is scored (read by ``intelligibility``): every other metric would compare a
+    recording with itself.
+    """
+    scores = np.full((len(examples), len(SCORE_COLUMNS)), np.nan)
+    if examples:
+        scores[:, _DIGIT] = evaluators.digit_predictions([e.mel for e in examples])
+    digits = np.array([e.utterance.digit if e.utterance.digit is not None else -1 for e in examples])
+    unscored = [{} if e.utterance.digit is not None else {"intelligibility": NO_DIGIT} for e in examples]
+    return Synthesis(scores, digits, [], [e.mel for e in examples], unscored)
 
 
 def evaluate_scores(

@@ -142,3 +142,98 @@ def test_mel_grid_has_time_and_frequency_axes_and_a_db_colour_bar():
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+def test_intelligibility_is_sklearn_accuracy_over_the_clips_with_a_digit():
+    from sklearn.metrics import accuracy_score
+
+    from pipelines.core.evaluation.registry import get_metric
+
+    rng = np.random.default_rng(0)
+    digits = rng.integers(0, 10, 40)
+    digits[[3, 17]] = -1  # transcripts that are not one digit word
+    predicted = np.where(rng.random(40) < 0.6, digits, rng.integers(0, 10, 40)).astype(float)
+    predicted[[5, 8]] = np.nan  # clips the classifier could not read
+    rows = np.full((40, len(SCORE_COLUMNS)), np.nan)
+    rows[:, SCORE_COLUMNS.index("digit_prediction")] = predicted
+    known = (digits >= 0) & np.isfinite(predicted)
+    spec = get_metric("intelligibility")
+    assert spec.fn(digits, rows) == pytest.approx(accuracy_score(digits[known], predicted[known]))
+    weights = rng.integers(0, 3, (5, 40)).astype(float)  # bootstrap resample counts
+    expected = [accuracy_score(digits[known], predicted[known], sample_weight=w[known]) for w in weights]
+    np.testing.assert_allclose(spec.batched(digits, rows, weights), expected)
+
+
+class _DigitEvaluators:
+    """Stands in for the FSDD evaluators: predicts a fixed digit per clip and records what it was shown."""
+
+    def __init__(self, predictions):
+        self.predictions, self.shown = np.asarray(predictions), []
+
+    def digit_predictions(self, mels):
+        self.shown.append([tuple(m.shape) for m in mels])
+        return self.predictions[: len(mels)]
+
+
+@pytest.mark.filterwarnings("ignore:.*bootstrap resamples were degenerate")
+def test_the_recording_row_scores_the_real_test_clips_for_intelligibility_only():
+    from sklearn.metrics import accuracy_score
+
+    from pipelines.speech.data import Example
+    from pipelines.speech.report import reference_results
+
+    digits = [3, 7, None, 1]
+    examples = [
+        Example(torch.zeros(3), torch.zeros(3), torch.full((20 + i, 80), -5.0), 0,
+                Utterance(Path(f"c{i}.wav"), "x", "me", d))
+        for i, d in enumerate(digits)
+    ]  # fmt: skip
+    evaluators = _DigitEvaluators([3, 2, 5, 1])
+    results = reference_results({}, examples, evaluators, 100, 0, list(SPEECH_METRICS))
+    assert list(results) == ["recording"] and list(results["recording"]) == ["intelligibility"]
+    assert evaluators.shown == [[(20, 80), (21, 80), (22, 80), (23, 80)]]  # the recordings' own mels
+    assert results["recording"]["intelligibility"].value == pytest.approx(
+        accuracy_score([3, 7, 1], [3, 2, 1])
+    )
+    assert reference_results({}, examples, None, 100, 0, list(SPEECH_METRICS)) == {}
+    assert reference_results({}, examples, evaluators, 100, 0, ["mcd"]) == {}
+
+
+def test_transformers_syntheses_are_scored_for_intelligibility_in_the_evaluators_features(tmp_path):
+    from pipelines.speech.hf_adaptation import add_intelligibility
+    from pipelines.speech.hf_features import HfExample
+    from pipelines.speech.scoring import EMPTY, NO_DIGIT, Synthesis
+
+    waveforms = [_voice(150.0, 16000, seconds=0.5), np.zeros(0, dtype=np.float32), _voice(200.0, 16000)]
+    utterances = [Utterance(Path(f"{d}.wav"), "x", "me", d) for d in (4, 2, None)]
+    examples = [HfExample(torch.zeros(2), torch.zeros(4, 8), utterance=u) for u in utterances]
+    reasons = [{"intelligibility": "no evaluators (data.options.evaluators is off)"} for _ in examples]
+    synthesis = Synthesis(
+        np.full((3, len(SCORE_COLUMNS)), np.nan), np.array([4, 2, -1]), waveforms, [], reasons
+    )
+    evaluators = _DigitEvaluators([4, 9])
+    scored = add_intelligibility(synthesis, examples, 16000, evaluators)
+    # 16 kHz audio resampled to 22,050 Hz, in frames of 256 samples, 80 mel bins
+    assert evaluators.shown == [[(int(0.5 * 22050) // 256, 80), (int(0.4 * 22050) // 256, 80)]]
+    column = scored.scores[:, SCORE_COLUMNS.index("digit_prediction")]
+    assert column[0] == 4 and math.isnan(column[1]) and column[2] == 9
+    assert scored.unscored == [{}, {"intelligibility": EMPTY}, {"intelligibility": NO_DIGIT}]
+
+
+def test_reference_notes_name_the_recording_row_and_folder_takes():
+    from pipelines.speech.data import Example
+    from pipelines.speech.options import AdaptationDataOptions
+    from pipelines.speech.report import reference_notes
+
+    def example(name: str, index=None) -> Example:
+        utterance = Utterance(Path(name), "one", "me", 1, index)
+        return Example(torch.zeros(3), torch.zeros(3), torch.zeros(4, 80), 0, utterance)
+
+    data = AdaptationDataOptions(vocode_reference=False)
+    folder = reference_notes(data, [example("b.wav")], [example("a.wav")], recording=True)
+    assert folder[0].startswith("Reference rows, not competitors") and "second_take" in folder[0]
+    assert "recording scores the real test recordings themselves with the digit classifier" in folder[0]
+    assert folder[1].startswith("second_take uses other takes of the test texts in the speaker's folders")
+    fsdd = reference_notes(data, [example("1_me_1.wav", 1)], [example("1_me_0.wav", 0)])
+    assert "recording scores" not in fsdd[0]
+    assert fsdd[1].startswith("second_take uses the takes with FSDD indices [1] (test split")
