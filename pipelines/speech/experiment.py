@@ -25,7 +25,7 @@ from pipelines.speech.adaptation import (
     second_takes,
 )
 from pipelines.speech.audio import AUDIO
-from pipelines.speech.data import FSDD_SHA256, Example
+from pipelines.speech.data import Example
 from pipelines.speech.model import AcousticModel, adapter_targets
 from pipelines.speech.report import (
     METRIC_NOTES,
@@ -34,18 +34,19 @@ from pipelines.speech.report import (
     disabled_equals_base,
     probe_mels,
     reference_notes,
+    reference_results,
     score_second_takes,
     write_media,
 )
 from pipelines.speech.scoring import (
     SPEECH_METRICS,
     Synthesis,
-    evaluate_scores,
     synthesize_and_score,
     unscored_notes,
     unscored_summary,
 )
 from pipelines.speech.sweep import clip_sweep, model_syntheses
+from pipelines.speech.targets import target_clips
 
 __all__ = ["SpeechExperiment"]
 
@@ -68,23 +69,15 @@ class SpeechExperiment:
     def load_data(self, run_dir: Path) -> ExperimentData:
         self.run_dir = Path(run_dir)
         self.backbone = self.pipe._ensure_backbone(self.run_dir / "base", self.resume)
-        self.target = self.data.target_speaker or self.pipe.backbone_options.held_out_speaker
-        if self.target in self.backbone.speakers:
-            raise ValueError(
-                f"target_speaker '{self.target}' is one of the base speakers {self.backbone.speakers}; "
-                "pick the held-out speaker"
-            )
-        self.clips = self.session.speaker_examples(self.target, "train")
+        held_out = self.pipe.backbone_options.held_out_speaker
+        self.target = target_clips(self.session, self.data, held_out, self.backbone.speakers, self.pipe.name)
+        self.clips, self.test = self.target.candidates, self.target.test
         self.evaluators = self.session.evaluators() if self.data.evaluators else None
         self.train = self._clips(self.data.adaptation_clips)
-        per_digit = self.data.eval_clips_per_digit
-        self.test = [
-            e for e in self.session.speaker_examples(self.target, "test") if e.utterance.index < per_digit
-        ]
-        self.info = {"name": "fsdd", "sha256": FSDD_SHA256, "target_speaker": self.target,
-                     "splits": {"adaptation": len(self.train), "test": len(self.test)}}  # fmt: skip
-        digits = [e.utterance.digit for e in self.train]  # data.fraction draws per digit
-        return ExperimentData("speech", len(self.train), digits, self.info, list(SPEECH_METRICS))
+        self.info = self.target.info | {"splits": {"adaptation": len(self.train), "test": len(self.test)}}
+        digits = [e.utterance.digit for e in self.train]  # data.fraction draws per digit where all are known
+        labels = digits if None not in digits else None
+        return ExperimentData("speech", len(self.train), labels, self.info, list(SPEECH_METRICS))
 
     def _clips(self, count: int | str) -> list[Example]:
         """The first ``count`` adaptation clips of the target in digit round-robin order."""
@@ -169,20 +162,19 @@ class SpeechExperiment:
             self.run_dir, self.test, syntheses, data.plot_clips, data.samples, AUDIO.sample_rate
         )
         bootstrap, seed = self.recipe.evaluation.bootstrap, self.recipe.seed
+        results = reference_results(references, self.test, self.evaluators, bootstrap, seed, self.metrics)
         return {
-            "results": {
-                label: evaluate_scores(references[label], bootstrap, seed, self.metrics)
-                for label in references
-            },  # fmt: skip
+            "results": results,
             "backbone": {k: v for k, v in self.backbone.info.items() if k != "history"}
             | {"vocoder": self.pipe.vocoder().source},
             "adapter": adapter_facts(self.recipe.stages[-1], primary),
-            "notes": self._notes(primary, samples, checks, takes) + unscored_notes(unscored),
+            "notes": self._notes(primary, samples, checks, takes, "recording" in results)
+            + unscored_notes(unscored),
             "extra": {
                 "checks": checks,
                 "nearest_speaker_cosines": {self.backbone.speakers[k]: v for k, v in self.cosines.items()},
                 "sweep_adaptation_clips": sweep,
-                "reference_models": list(references),
+                "reference_models": list(results),
                 "second_takes": {
                     e.utterance.path.stem: t.utterance.path.stem
                     for e, t in zip(self.test, takes or [], strict=False)
@@ -198,8 +190,7 @@ class SpeechExperiment:
             return None
         used = {e.utterance.path for count in [self.data.adaptation_clips, *self.data.sweep_clips]
                 for e in self._clips(count)}  # fmt: skip
-        clips = [u for u in self.session.utterances if u.speaker == self.target]
-        takes = second_takes([e.utterance for e in self.test], clips, used)
+        takes = second_takes([e.utterance for e in self.test], self.target.takes_from, used)
         return self.session.examples(takes) if takes else None
 
     def _references(self, takes: list[Example] | None) -> dict[str, Synthesis]:
@@ -211,7 +202,7 @@ class SpeechExperiment:
             out["second_take"] = score_second_takes(self.test, takes, self.evaluators, self.session.num_bins)
         return {label: out[label] for label in REFERENCE_MODELS if label in out}
 
-    def _notes(self, primary: Trained, samples: list[str], checks: dict, takes) -> list[str]:
+    def _notes(self, primary: Trained, samples: list[str], checks: dict, takes, recording: bool) -> list[str]:
         base_total = sum(p.numel() for p in self.backbone.model.parameters())
         return [
             "Mel spectrograms, recording against each model's synthesis (first test clips): "
@@ -226,6 +217,6 @@ class SpeechExperiment:
             f"{primary.parameters['total'] - base_total:,}).",
             "Disabling the adapter reproduces the base bit for bit: "
             f"{checks['disabled_adapter_equals_base']}.",
-            *reference_notes(self.data, takes, self.test),
+            *reference_notes(self.data, takes, self.test, recording),
             *METRIC_NOTES,
         ]  # fmt: skip

@@ -52,8 +52,7 @@ def _low_data_refusals(recipe, fix: str, fraction: bool = False) -> list[tuple[s
 
 
 def _folder_refusals(recipe) -> list[tuple[str, str]]:
-    """``speaker_folder`` and ``test_folder`` go together, replace the FSDD clip choice, and (for now) need
-    a transformers backbone."""
+    """``speaker_folder`` and ``test_folder`` go together and replace the FSDD clip choice."""
     given = {key for key, value in recipe.data.options.items() if value is not None}
     where = "data.options."
     if "speaker_folder" not in given:
@@ -69,12 +68,6 @@ def _folder_refusals(recipe) -> list[tuple[str, str]]:
     if "test_folder" not in given:
         reason = "speaker_folder needs test_folder: held-out WAV files of the same speaker to score"
         refused.append((where + "test_folder", reason))
-    if not is_hf_backbone(recipe.backbone.name):
-        reason = (
-            "speaker_folder is read with transformers backbones only; the FSDD base adapts to an FSDD "
-            "speaker (data.options.target_speaker)"
-        )
-        refused.append((where + "speaker_folder", reason))
     return refused
 
 

@@ -7,12 +7,22 @@ from pathlib import Path
 
 import torch
 
-from pipelines.core.peft import Bottleneck, disable_adapters, load_adapter, save_adapter
+from pipelines.core.peft import (
+    Bottleneck,
+    add_adapter,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    wrappers,
+)
+from pipelines.core.recipe import load_recipe
 from pipelines.core.training import TrainConfig
 from pipelines.speech.adaptation import adapt, adaptation_clips
 from pipelines.speech.backbones import tiny_random_model
 from pipelines.speech.data import Example, Utterance, collate_examples, text_to_ids
 from pipelines.speech.model import adapter_targets, length_regulate
+
+RECIPES = Path(__file__).resolve().parents[2] / "pipelines" / "recipes" / "speech"
 
 
 def _examples(count: int = 4) -> list[Example]:
@@ -85,3 +95,29 @@ def test_synthesis_gives_each_character_a_frame():
     model = tiny_random_model()
     mel = model.synthesize(text_to_ids("seven"), 0)
     assert mel.shape[1] == 80 and mel.shape[0] >= 5
+
+
+def test_the_vera_recipe_adapts_every_projection_with_one_shared_frozen_pair():
+    spec = load_recipe(RECIPES / "fsdd_speaker_vera.yaml").stages[0].adapter
+    model = tiny_random_model(5)
+    tokens, lengths, speakers = torch.tensor([[1, 18, 17, 8, 1]]), torch.tensor([5]), torch.tensor([1])
+    before = model.eval()(tokens, lengths, speakers)["mels"]
+    add_adapter(model, spec, name="speaker")
+    layers = dict(wrappers(model))
+    assert list(layers) == [
+        "encoder.blocks.0.proj",
+        "duration_predictor.blocks.0.proj",
+        "decoder.blocks.0.proj",
+    ]
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == {f"{path}.adapters.speaker.vera_lambda_{v}" for path in layers for v in "bd"}
+    assert sum(trainable.values()) == 3 * (16 + spec.r)  # b: the tiny model's 16 channels, d: rank r
+    shared = {id(layer.adapters["speaker"].projections) for layer in layers.values()}
+    assert len(shared) == 1  # one A and B for all layers
+    assert torch.equal(model(tokens, lengths, speakers)["mels"], before)  # b = 0: the base at first
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.adapters["speaker"].vera_lambda_b.fill_(0.5)
+    assert not torch.equal(model(tokens, lengths, speakers)["mels"], before)
+    with disable_adapters(model):
+        assert torch.equal(model(tokens, lengths, speakers)["mels"], before)

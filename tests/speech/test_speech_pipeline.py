@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipelines.core.peft import load_adapter
 from pipelines.core.recipe import load_recipe
@@ -18,6 +19,7 @@ from pipelines.speech.adaptation import adaptation_clips
 from pipelines.speech.audio import write_wav
 from pipelines.speech.backbones import Backbone, tiny_random_model
 from pipelines.speech.data import fsdd_utterances
+from pipelines.speech.pipeline import SpeakerAdaptationPipeline
 
 MIRROR = Path(os.environ.get("PEFT_PIPELINES_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "speech"
@@ -181,3 +183,47 @@ def test_base_recipe_records_the_base_training_without_repeating_it(tmp_path, mo
     assert result.parameters["base"] == {"trainable": count, "total": count, "fraction": 1.0}
     assert result.info["dataset"]["splits"] == {"train": 2250, "test_scored": 50}
     assert (tmp_path / "mels.png").is_file() and len(list((tmp_path / "samples").iterdir())) == 2
+
+
+def _metadata_folder(folder: Path, words) -> Path:
+    folder.mkdir()
+    lines = []
+    for i, word in enumerate(words):
+        t = np.arange(int(8000 * 0.4)) / 8000
+        wav = np.concatenate([np.zeros(400), 0.5 * np.sin(2 * np.pi * (120 + 10 * i) * t), np.zeros(400)])
+        write_wav(folder / f"clip{i}.wav", wav, 8000)
+        lines.append(f"clip{i}|{word}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_a_recipe_on_the_built_in_model_reads_a_metadata_csv_speaker_folder(tmp_path):
+    """The user's clips (metadata.csv) replace FSDD's; the real recordings get an intelligibility row."""
+    train = _metadata_folder(tmp_path / "train", ["one", "two", "three", "one", "hello"])
+    test = _metadata_folder(tmp_path / "test", ["one", "two", "nine"])
+    raw = yaml.safe_load((RECIPES / "fsdd_speaker_adapter.yaml").read_text())
+    raw["data"]["options"] = {}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(
+        tmp_path / "r.yaml",
+        [
+            "stages.0.train.max_steps=3",
+            "stages.0.train.batch_size=2",
+            "data.options.adaptation_clips=all",
+            f"data.options.speaker_folder={train}",
+            f"data.options.test_folder={test}",
+            "data.options.samples=0",
+            "data.options.plot_clips=1",
+            "evaluation.bootstrap=20",
+            "compare=[nearest_speaker]",
+            "backbone.options.vocoder=griffin_lim",
+        ],
+    )
+    pipe = SpeakerAdaptationPipeline.from_recipe(recipe)
+    speakers = ["george", "jackson", "lucas", "nicolas", "theo"]
+    pipe.backbone = Backbone(tiny_random_model(5), speakers, {"name": "test_tiny", "weights": "random"})
+    result = pipe.run(tmp_path / "run")
+    assert list(result.results) == ["speaker", "nearest_speaker", "vocoded_recording", "recording"]
+    assert result.info["dataset"]["name"] == str(train) and result.info["dataset"]["splits"]["test"] == 3
+    assert list(result.results["recording"]) == ["intelligibility"]
+    assert math.isfinite(result.results["speaker"]["intelligibility"].value)
