@@ -158,8 +158,8 @@ def test_a_recipe_with_a_bad_speaker_folder_fails_in_one_line(tmp_path, capsys, 
                                 "eval_clips_per_digit": 2},
          ["data.options.target_speaker: target_speaker chooses FSDD clips; with speaker_folder all",
           "data.options.eval_clips_per_digit: eval_clips_per_digit chooses FSDD clips"]),
-        ("fsdd_multispeaker", {"speaker_folder": "s", "test_folder": "t"},
-         ["data.options.speaker_folder: speaker_folder is read with transformers backbones only"]),
+        ("fsdd_multispeaker", {"speaker_folder": "s", "test_folder": "t", "target_speaker": "theo"},
+         ["data.options.target_speaker: target_speaker chooses FSDD clips; with speaker_folder all"]),
     ],
 )  # fmt: skip
 def test_validate_refuses_speaker_folder_options_that_would_go_unread(tmp_path, backbone, options, expected):
