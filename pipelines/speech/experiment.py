@@ -38,6 +38,7 @@ from pipelines.speech.report import (
     score_second_takes,
     write_media,
 )
+from pipelines.speech.saved import write_speech_facts
 from pipelines.speech.scoring import (
     SPEECH_METRICS,
     Synthesis,
@@ -149,6 +150,8 @@ class SpeechExperiment:
         sweep = clip_sweep(self, self.data.sweep_clips, self._training, unscored)
         primary = models[self.primary_label(self.recipe)]
         self.pipe.model = primary.model  # lab code may synthesise with it after run
+        facts = {"speaker_id": self.speaker, "speakers": self.backbone.speakers}  # for pipe.load_adapter
+        write_speech_facts(primary.adapters[self.recipe.stages[-1].name], facts)
         checks = {
             "disabled_adapter_equals_base": disabled_equals_base(
                 self.backbone.model, primary.model, self.test

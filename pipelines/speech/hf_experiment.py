@@ -24,6 +24,7 @@ from pipelines.speech.data import FSDD_SHA256, Utterance, folder_utterances, fsd
 from pipelines.speech.hf_adaptation import HF_METRICS, HfClipTraining, hf_examples, score_hf
 from pipelines.speech.hf_tts import HfTts, hf_adapter_targets
 from pipelines.speech.report import adapter_facts
+from pipelines.speech.saved import write_speech_facts
 from pipelines.speech.scoring import (
     Synthesis,
     unscored_notes,
@@ -150,6 +151,7 @@ class HfExperiment:
         self.pipe.model = primary.model  # lab code may synthesise with it after run
         folder = primary.adapters[stage.name]
         save_adapter(primary.model.model, folder, name=stage.name)  # the transformers model's own paths
+        write_speech_facts(folder, {"statistics": self.statistics})  # for pipe.load_adapter
         if "lora" in models:  # the LoRA baseline's adapter too, beside the primary's
             save_adapter(models["lora"].model.model, self.run_dir / "adapters" / "lora", name="lora")
         checks = self._checks(primary.model, folder)

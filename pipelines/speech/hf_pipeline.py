@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines.core.evaluation import EvaluationReport, RunResult
 from pipelines.core.experiment import run_experiment, train_candidate
-from pipelines.core.peft import AdapterSpec, save_adapter
+from pipelines.core.peft import AdapterSpec, load_adapter, save_adapter
 from pipelines.core.recipe import StageSection
 from pipelines.core.training import TrainConfig, TrainResult
 from pipelines.speech.adaptation import adaptation_recipe
@@ -25,6 +25,7 @@ from pipelines.speech.data import Utterance, folder_utterances
 from pipelines.speech.hf_adaptation import HfClipTraining, default_hf_adapter, evaluate_hf, hf_examples
 from pipelines.speech.hf_tts import HfTts, load_hf_tts
 from pipelines.speech.options import AdaptationDataOptions, AdaptationStageOptions, SpeechBackboneOptions
+from pipelines.speech.saved import read_speech_facts, write_speech_facts
 
 __all__ = ["HfSpeakerAdaptationPipeline"]
 
@@ -126,8 +127,20 @@ class HfSpeakerAdaptationPipeline:
         return model.vocode(model.synthesize_mel(model.tokenize(text), self.seed))
 
     def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter (native format, safetensors) to ``directory``."""
-        return save_adapter(self._require_fit().model, directory, name=self.name)
+        """Write the adapter (native format, safetensors) and its input statistics to ``directory``."""
+        path = save_adapter(self._require_fit().model, directory, name=self.name)
+        write_speech_facts(directory, {"statistics": self.statistics})
+        return path
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Restore what :meth:`save_adapter` (or a run's ``adapters/<stage>``) wrote: the adapter on a copy
+        of the backbone and the statistics its inputs are standardised with."""
+        facts = read_speech_facts(directory)
+        model = self.backbone().copy()
+        load_adapter(model.model, directory)
+        saved = facts.get("statistics")  # {"pitch": [mean, std], "energy": [mean, std]} in the JSON
+        self.model = model.eval()
+        self.statistics = {key: tuple(pair) for key, pair in saved.items()} if saved else None
 
     # recipe path ------------------------------------------------------------------------------------
     def run(self, run_dir: Path, resume: bool = False) -> RunResult:

@@ -6,13 +6,14 @@ transformers TTS model, SpeechT5 / FastSpeech2Conformer (:mod:`pipelines.speech.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.core.evaluation import EvaluationReport, RunResult
 from pipelines.core.experiment import run_experiment, train_candidate
-from pipelines.core.peft import AdapterSpec, save_adapter
+from pipelines.core.peft import AdapterSpec, load_adapter, save_adapter
 from pipelines.core.recipe import StageSection, pipeline_options
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult
@@ -30,6 +31,7 @@ from pipelines.speech.options import (
     BaseOptions,
     SpeechBackboneOptions,
 )
+from pipelines.speech.saved import read_speech_facts, write_speech_facts
 from pipelines.speech.scoring import evaluate_scores, synthesize_and_score
 
 __all__ = ["SpeakerAdaptationPipeline", "BaseMultispeakerPipeline"]
@@ -245,9 +247,26 @@ class SpeakerAdaptationPipeline:
         return self.vocoder()(self.model.synthesize(text_to_ids(text), self.speaker_id))
 
     def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter (native format, safetensors) to ``directory``."""
+        """Write the adapter (native format, safetensors) and the base speaker it speaks as."""
         self._require_fit()
-        return save_adapter(self.model, directory, name=self.name)
+        path = save_adapter(self.model, directory, name=self.name)
+        speakers = self._ensure_backbone().speakers
+        write_speech_facts(directory, {"speaker_id": self.speaker_id, "speakers": speakers})
+        return path
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Restore what :meth:`save_adapter` (or a run's ``adapters/<stage>``) wrote: the adapter on a copy
+        of the base, speaking as the same base speaker; then ``evaluate`` and ``synthesize`` work."""
+        facts = read_speech_facts(directory)
+        speakers = self._ensure_backbone().speakers
+        if facts.get("speakers") not in (None, speakers):
+            raise ValueError(
+                f"{directory} was trained on a base with speakers {facts['speakers']}, not {speakers}; "
+                "load it with the same base model"
+            )
+        model = copy.deepcopy(self._ensure_backbone().model)
+        load_adapter(model, directory)
+        self.model, self.speaker_id = model.eval(), int(facts["speaker_id"])
 
     # recipe path ------------------------------------------------------------------------------------
     def run(self, run_dir: Path, resume: bool = False) -> RunResult:

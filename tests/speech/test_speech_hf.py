@@ -171,7 +171,13 @@ def test_recipe_path_runs_on_a_tiny_fastspeech2_with_fsdd(tmp_path, monkeypatch)
             "compare=[lora, nearest_speaker, {method: lora, r: 2}]",
         ],
     )
-    result = SpeakerAdaptationPipeline.from_recipe(recipe).run(tmp_path)
+    pipe = SpeakerAdaptationPipeline.from_recipe(recipe)
+    result = pipe.run(tmp_path)
+    again = SpeakerAdaptationPipeline.from_recipe(recipe)
+    again.load_adapter(tmp_path / "adapters" / "speaker")  # the run's adapter and input statistics
+    ids = again.backbone().tokenize("seven")
+    assert again.statistics == pipe.statistics  # the same floats after the JSON
+    assert torch.equal(again.model.synthesize_mel(ids, 0), pipe.model.eval().synthesize_mel(ids, 0))
     assert list(result.results) == ["speaker", "lora", "base", "lora_r2"]  # nearest_speaker: the base
     assert result.info["extra"]["checks"] == {
         "disabled_adapter_equals_base": True,

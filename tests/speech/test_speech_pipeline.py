@@ -66,6 +66,13 @@ def test_lab_code_fits_evaluates_synthesizes_and_saves(tmp_path):
     load_adapter(reloaded, tmp_path / "adapter")
     tokens = torch.tensor([1, 18, 17, 8, 1])
     assert torch.equal(reloaded.eval().synthesize(tokens, 1), pipe.model.synthesize(tokens, 1))
+    again = create_pipeline("speech/speaker_adaptation", backbone=pipe.backbone, evaluators=False,
+                            backbone_options={"vocoder": "griffin_lim"})  # fmt: skip
+    again.load_adapter(tmp_path / "adapter")  # the adapter and the base speaker it speaks as
+    assert again.speaker_id == 1 and np.array_equal(again.synthesize("one"), pipe.synthesize("one"))
+    (tmp_path / "adapter" / "speech_adapter.json").unlink()
+    with pytest.raises(FileNotFoundError, match="speech_adapter.json is missing: .* not saved by a speech"):
+        again.load_adapter(tmp_path / "adapter")
 
 
 def test_shipped_recipes_validate():
@@ -115,6 +122,11 @@ def test_quick_run_compares_methods_on_fsdd(tmp_path, monkeypatch):
         tmp_path / "adapters" / "speaker" / "adapter_model.safetensors"
     ).is_file()
     assert sorted(p.name for p in (tmp_path / "samples").iterdir())[0] == "full_finetune_0_yweweler_0.wav"
+    again = create_pipeline("speech/speaker_adaptation", backbone=pipe.backbone, evaluators=False)
+    again.load_adapter(tmp_path / "adapters" / "speaker")  # the run's adapter, as lab code reloads it
+    tokens = torch.tensor([1, 18, 17, 8, 1])
+    assert again.speaker_id == pipe.speaker_id
+    assert torch.equal(again.model.synthesize(tokens, 1), pipe.model.eval().synthesize(tokens, 1))
 
 
 def _quick_pipe(max_steps: int):
