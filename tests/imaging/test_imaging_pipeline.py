@@ -289,3 +289,18 @@ def test_a_recipe_runs_adapter_folder_reloads_with_the_reports_operating_point(t
     assert lab.threshold == result.results["lora"].threshold
     test = load_dataset_splits(None, str(npz_file))[0]["test"]
     assert _metric_values(lab.evaluate(test)) == _metric_values(result.results["lora"])
+
+
+def test_a_vera_recipe_trains_vectors_only_and_its_saved_adapter_reloads(tmp_path, npz_file, tiny_vit):
+    """The shipped VeRA recipe's path on a tiny ViT: r + out values per adapted layer, against LoRA."""
+    text = _recipe(tmp_path, npz_file, tiny_vit, "[lora]").read_text()
+    text = text.replace("{method: lora, r: 4, alpha: 8, targets: []}", "{method: vera, r: 4, targets: [qkv]}")
+    (tmp_path / "vera.yaml").write_text(text)
+    report = json.loads(
+        (run_recipe(tmp_path / "vera.yaml", output_dir=tmp_path / "runs") / "report.json").read_text()
+    )
+    assert report["headline"]["model"] == "vera" and set(report["results"]) == {"vera", "lora"}
+    head = 32 * 2 + 2
+    assert report["parameters"]["vera"]["trainable"] == head + 2 * (4 + 96)  # d (r) and b (qkv's 96 outputs)
+    assert report["parameters"]["lora"]["trainable"] == head + 2 * (8 * 32 + 96 * 8)  # the default r=8
+    assert any("identical outputs" in note for note in report["notes"])
