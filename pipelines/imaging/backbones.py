@@ -138,6 +138,7 @@ def _vit_targets(module: nn.Module) -> dict[str, list[str]]:
     mlp = ["re:.*mlp\\.(fc1|linear1)$"]
     return {
         "lora": attention,
+        **{method: attention for method in ("vera", "loha", "lokr", "adalora")},  # as LoRA
         "bottleneck": mlp,  # AdaptFormer: parallel to the MLP, fed the MLP's input
         "ssf": ["type:Linear", "type:LayerNorm"],
         "ia3": attention + ["re:.*mlp\\.(fc1|linear1)$"],
@@ -158,6 +159,7 @@ def _cnn_targets(spatial_dims: int) -> dict[str, list[str]]:
         "ia3": [conv],
         "bitfit": [],
         "norm": [],
+        **({"loha": [conv], "lokr": [conv]} if spatial_dims == 2 else {}),  # no 3D convolutions in either
     }
 
 

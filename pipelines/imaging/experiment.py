@@ -214,24 +214,16 @@ class ImagingExperiment:
 
     def describe(self, models: dict[str, Trained]) -> dict[str, Any]:
         primary = next(iter(models))
-        final = self.recipe.stages[-1]
-        adapter: dict[str, Any] = {}
-        folder = models[primary].adapters.get(final.name)
+        folder = models[primary].adapters.get(self.recipe.stages[-1].name)
         if folder is not None:  # the operating point beside the tensors (load_adapter restores it)
             threshold = models[primary].details.get("evaluate", {}).get("threshold")
             point = operating_point(threshold, "val", len(self.val))
             write_head_facts(folder, head_facts(self.task, point, self.data_info.get("classes")))
-        if final.adapter is not None and folder is not None:
-            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-            adapter = {"method": final.adapter.method, "spec": spec_to_dict(final.adapter),
-                       "path": str(folder), "file_size_bytes": size,
-                       "stages": [s.name for s in self.recipe.stages]}  # fmt: skip
         size = self.options.data.transforms.image_size
         backbone = self.backbone
         facts = {"family": backbone.family, "num_features": backbone.num_features}
         return {
             "backbone": {**backbone.provenance, **facts},
-            "adapter": adapter,
             "notes": self._notes(primary),
             "extra": {"image_size": size, "baselines": self.baseline_facts},
         }
@@ -278,6 +270,6 @@ def _dataset_source(recipe: Any, options: Any) -> tuple[str | None, str | None]:
     dataset = recipe.data.dataset
     if options.data.path:
         return dataset, options.data.path
-    if "/" in dataset or dataset.endswith((".npz", ".csv")):
+    if "/" in dataset or dataset.endswith((".npz", ".csv", ".csv.gz")):
         return None, dataset
     return dataset, None

@@ -9,7 +9,7 @@ validation (Youden's J) and scores the test split with bootstrap intervals. A ``
 ``extra.baselines``) or a full spec such as ``{method: lora, r: 16, targets: [qkv]}``, whose empty
 targets mean the backbone family's defaults. ``data.options.sweep_fractions`` repeats all of it at several
 training-set fractions (the low-data experiment of Dutt et al. 2024) in one report
-(:mod:`pipelines.imaging.sweep`).
+(:mod:`pipelines.core.experiment.sweep`).
 
 From lab code::
 
@@ -320,8 +320,8 @@ class ImagingClassificationPipeline:
         """Run the recipe through the core experiment engine with this domain's hooks (once per sweep
         fraction when ``data.options.sweep_fractions`` is set)."""
         from pipelines.core.experiment import run_experiment
+        from pipelines.core.experiment.sweep import run_sweep
         from pipelines.imaging.experiment import ImagingExperiment
-        from pipelines.imaging.sweep import run_sweep
 
         hooks, fractions = ImagingExperiment(self), self.options.data.sweep_fractions
         if fractions is None:

@@ -75,3 +75,23 @@ def test_monai_vit_3d():
                                       "num_heads": 2})  # fmt: skip
     assert vit.family == "vit" and vit.targets["lora"] == ["qkv"]
     assert vit.module(torch.rand(2, 1, 16, 16, 16)).shape == (2, 32)
+
+
+@pytest.mark.parametrize("method", ["vera", "loha", "lokr", "adalora"])
+def test_the_lora_family_with_no_targets_adapts_what_lora_adapts(tiny_vit, tiny_densenet, method):
+    from pipelines.core.peft import AdaLoRA, LoHa, LoKr, LoRA, VeRA
+    from pipelines.imaging.methods import build_classifier, resolve_targets
+
+    spec = {
+        "vera": VeRA(r=2),
+        "loha": LoHa(r=2),
+        "lokr": LoKr(r=2),
+        "adalora": AdaLoRA(init_r=2, target_r=1),
+    }[method]
+    for name, options in (("timm:vit_tiny_patch16_224", tiny_vit), ("monai:DenseNet", tiny_densenet)):
+        if method in ("vera", "adalora") and name.startswith("monai"):
+            continue  # Linear layers only: a CNN has no default for them
+        backbone = load_backbone(name, **options)
+        model = build_classifier(backbone, "linear_probe", None, 2, "binary", "task", 0.0, False)[0]
+        lora = resolve_targets(model, LoRA(r=2), backbone).targets
+        assert resolve_targets(model, spec, backbone).targets == lora and len(lora) >= 2

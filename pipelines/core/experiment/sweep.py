@@ -1,4 +1,4 @@
-"""The low-data sweep (``data.options.sweep_fractions``): the whole experiment once per training fraction.
+"""A low-data sweep: the whole experiment once per training fraction (a domain's ``sweep_fractions``).
 
 Each fraction is one engine run (``data.fraction`` replaced) in ``fraction-<n>pct/`` of the run folder, on
 the same loaded data; its adapters move to ``adapters/<stage>-<n>pct/``, where ``export`` finds them. The
@@ -31,7 +31,7 @@ def run_sweep(hooks: Any, recipe: Any, fractions: list[float], run_dir: Path, re
     """Run ``recipe`` at each fraction with the same ``hooks`` and merge the runs (module docstring)."""
     for fraction in fractions:
         if not 0 < fraction <= 1:
-            raise ValueError(f"data.options.sweep_fractions has {fraction}; every fraction must be in (0, 1]")
+            raise ValueError(f"sweep fraction {fraction}: every fraction must be in (0, 1]")
     started = time.perf_counter()
     runs: dict[float, RunResult] = {}
     for fraction in fractions:
@@ -57,8 +57,8 @@ def _move_adapters(run: RunResult, folder: Path, run_dir: Path, slug: str) -> No
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         saved.rename(target)
-        if adapter.get("path") == str(saved):
-            adapter["path"] = str(target)
+        if adapter.get("directory") == str(saved):
+            adapter["directory"] = str(target)
     if (folder / "adapters").is_dir():
         (folder / "adapters").rmdir()
 
