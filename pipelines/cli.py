@@ -336,7 +336,11 @@ def _one_line(error: BaseException) -> str:
         where = ".".join(str(part) for part in first["loc"])
         more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
         return f"{where}: {first['msg']}{more}"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    lines = str(error).splitlines()
+    if len(lines) > 1 and " in DataLoader worker process " in lines[0]:  # torch re-raises a worker's error
+        name, _, message = lines[-1].partition(": ")  # the original error, last line of its traceback
+        return message or name
+    return lines[0] if lines else type(error).__name__
 
 
 def _handled() -> tuple[type[BaseException], ...]:

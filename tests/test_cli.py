@@ -294,3 +294,20 @@ def test_export_converts_real_adapters_and_skips_head_folders(tmp_path, capsys):
     assert "classifier: skipped, not an adapter (no adapter_config.json)" in out
     config = (tmp_path / "exported" / "task" / "adapter_config.json").read_text()
     assert '"peft_type": "LORA"' in config
+
+
+class _BadImages:
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise ValueError(f"images/{index}.png is not an image file; replace or remove it")
+
+
+def test_an_error_in_a_dataloader_worker_is_the_workers_own_line():
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(ValueError) as caught:
+        next(iter(DataLoader(_BadImages(), num_workers=1)))
+    assert str(caught.value).startswith("Caught ValueError in DataLoader worker process 0.")
+    assert cli._one_line(caught.value) == "images/0.png is not an image file; replace or remove it"
