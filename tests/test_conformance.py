@@ -159,3 +159,30 @@ def test_a_run_honours_the_recipe_contract(domain, tmp_path):
         assert spec_label in report["results"] and spec_label in steps
     for label, count in report["parameters"].items():
         assert count["fraction"] == pytest.approx(count["trainable"] / count["total"]), label
+
+
+def _losses(run_dir: Path) -> dict[str, list]:
+    """Every trained model's (step, loss) rows, by its metrics.jsonl path in the run folder."""
+    rows = {}
+    for file in sorted(run_dir.rglob("metrics.jsonl")):
+        logged = [json.loads(line) for line in file.read_text().splitlines()]
+        rows[str(file.relative_to(run_dir))] = [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    return rows
+
+
+@pytest.mark.parametrize("domain", sorted(TINY))
+def test_an_interrupted_run_resumes_to_the_losses_of_an_uninterrupted_one(domain, tmp_path):
+    """Every model of a run stopped after 2 of 4 steps and resumed logs the losses of a 4-step run."""
+    recipe = TINY[domain](tmp_path)
+    steady = {"schedule": "constant", "warmup_ratio": 0.0, "log_every": 1, "checkpoint_every": 2}
+    for stage in recipe["stages"]:
+        stage["train"] |= steady | {"max_steps": 4}
+    whole = run_recipe(Recipe.model_validate(recipe | {"output_dir": str(tmp_path / "whole")}))
+    part = json.loads(json.dumps(recipe)) | {"output_dir": str(tmp_path / "part")}
+    for stage in part["stages"]:
+        stage["train"]["max_steps"] = 2
+    stopped = run_recipe(Recipe.model_validate(part))
+    resumed = run_recipe(Recipe.model_validate(recipe | {"output_dir": str(tmp_path / "part")}), resume=True)
+    expected = _losses(whole)
+    assert resumed == stopped and expected and all(len(rows) == 4 for rows in expected.values())
+    assert _losses(resumed) == expected

@@ -117,8 +117,11 @@ def train_candidate(
         _prepare(model, stage, plan)
         trained_names |= {name for name, p in model.named_parameters() if p.requires_grad}
         folder = root / "train" / label / stage.name if plan.checkpoint else None
+        config = plan.train or stage.train
+        if folder is None:  # a model the domain trains without checkpoints (a cheap baseline)
+            config = config.model_copy(update={"checkpoint_every": None})
         result = plan.trained if plan.trained is not None else train(
-            model, plan.dataset, plan.loss_fn, plan.train or stage.train, val_data=plan.val_data,
+            model, plan.dataset, plan.loss_fn, config, val_data=plan.val_data,
             evaluate_fn=plan.evaluate_fn, run_dir=folder, resume=resume and folder is not None,
             collate_fn=plan.collate_fn, seed=seed, progress=False,
         )  # fmt: skip
