@@ -67,7 +67,6 @@ class TensorEntry:
 class GgufHeader:
     """The file's scalar metadata, the length of each metadata array, its tensors and where data starts."""
 
-    path: Path
     metadata: dict[str, Any]
     array_lengths: dict[str, int]
     tensors: tuple[TensorEntry, ...]
@@ -128,7 +127,7 @@ def read_header(path: Path) -> tuple[GgufHeader, Any]:
         tensors.append(TensorEntry(name, dims, cursor.take("<I"), cursor.take("<Q")))
     align = int(metadata.get("general.alignment", 32))
     start = -(-cursor.at // align) * align
-    return GgufHeader(Path(path), metadata, lengths, tuple(tensors), start), blob
+    return GgufHeader(metadata, lengths, tuple(tensors), start), blob
 
 
 def plain_llama(header: GgufHeader) -> bool:
