@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -105,3 +106,21 @@ def test_seed_beside_seeds_is_refused(tmp_path):
     (tmp_path / "toy_seeds.yaml").write_text(RECIPE + "seed: 4\n")
     errors = validate_recipe_file(tmp_path / "toy_seeds.yaml")
     assert [e.path for e in errors] == ["seed"] and "each repeat sets the seed" in errors[0].message
+
+
+def test_a_pooled_difference_without_kept_predictions_says_so_instead_of_nan():
+    from pipelines.core.experiment.seeds import _notes
+
+    wins = {
+        "ssf@1%": {"metric": "auroc", "won": 3, "of": 3, "difference": 0.0794, "low": math.nan,
+                   "high": math.nan, "p_value": math.nan},
+        "ssf@100%": {"metric": "auroc", "won": 3, "of": 3, "difference": 0.0158, "low": 0.0105,
+                     "high": 0.0210, "p_value": 0.000999},
+    }  # fmt: skip
+    notes = _notes([0, 1, 2], "lora@100%", wins)[1:]
+    assert notes == [
+        "lora@100% minus ssf@1%: auroc +0.079 seed-mean; no pooled interval: the seeds' test predictions of "
+        "both are not kept; lora@100% was ahead on 3 of 3 seeds.",
+        "lora@100% minus ssf@100%: auroc +0.016 [+0.011, +0.021] (seed-mean, pooled paired bootstrap, "
+        "p < 0.001); lora@100% was ahead on 3 of 3 seeds.",
+    ]

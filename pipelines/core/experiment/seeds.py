@@ -19,6 +19,7 @@ import numpy as np
 
 from pipelines.core.evaluation import EvaluationReport, MetricResult, RunResult, get_metric, prepare_inputs
 from pipelines.core.evaluation.evaluate import bootstrap_values
+from pipelines.core.evaluation.report_markdown import format_p, signed_numbers
 
 __all__ = ["SEED_SCOPE", "aggregate_seeds"]
 
@@ -148,10 +149,14 @@ def _notes(seeds: list[int], primary: str, wins: dict[str, Any]) -> list[str]:
         "pooled over the same test resamples for every seed. Per-seed reports are in seed-<n>/."
     ]
     for baseline, entry in wins.items():
+        difference, low, high = signed_numbers(entry["difference"], entry["low"], entry["high"])
+        if low == "n/a" or high == "n/a":  # a model whose test predictions a run does not keep (a sweep's)
+            pooled = "seed-mean; no pooled interval: the seeds' test predictions of both are not kept"
+        else:
+            pooled = f"[{low}, {high}] (seed-mean, pooled paired bootstrap, {format_p(entry['p_value'])})"
         notes.append(
-            f"{primary} minus {baseline}: {entry['metric']} {entry['difference']:+.3f} "
-            f"[{entry['low']:+.3f}, {entry['high']:+.3f}] (seed-mean, pooled paired bootstrap, "
-            f"p = {entry['p_value']:.3g}); {primary} was ahead on {entry['won']} of {entry['of']} seeds."
+            f"{primary} minus {baseline}: {entry['metric']} {difference} {pooled}; {primary} was ahead on "
+            f"{entry['won']} of {entry['of']} seeds."
         )
     return notes
 
