@@ -245,6 +245,8 @@ def _comparison(report: Mapping[str, Any], baselines: Sequence[str] = ()) -> str
 
     headline = report["headline"]
     metric, model, value = headline["metric"], headline["model"], headline.get("value")
+    at = model[model.index("@") :] if "@" in model else ""  # a sweep's labels: the primary's fraction
+    baselines = [f"{name}{at}" for name in baselines]
     paired = best_baseline_comparison(report, baselines) if report.get("comparisons") else None
     if paired is not None and paired.get("difference") is not None:
         difference, low, high = signed_numbers(paired["difference"], paired.get("low"), paired.get("high"))

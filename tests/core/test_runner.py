@@ -316,6 +316,12 @@ def test_demo_index_compares_against_the_recipe_baselines_only():
     }
     assert _comparison(report, ["lora"]) == "beat lora (28.100)"
     assert _comparison(report) == "lost to reference (10.400)"  # no compare list: every other row
+    sweep = {
+        "headline": {"metric": "mcd", "model": "speaker@100%", "value": 27.7, "greater_is_better": False},
+        "results": {"speaker@10%": row(27.0), "lora@10%": row(26.0), "speaker@100%": row(27.7),
+                    "lora@100%": row(28.1)},
+    }  # fmt: skip
+    assert _comparison(sweep, ["lora"]) == "beat lora@100% (28.100)"  # the same fraction's baseline
 
 
 def test_demo_index_gives_the_paired_difference_against_the_best_baseline(tmp_path):
