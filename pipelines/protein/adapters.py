@@ -15,14 +15,11 @@ buffers peft cannot carry) is folded into that linear layer, so the peft model's
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
-
 from pipelines.core.files import atomic_write
-from pipelines.core.peft import convert_adapter
+from pipelines.core.peft import export_peft_with_head
 
 __all__ = [
     "HEAD", "FACTS", "head_facts", "write_head_facts", "read_head_facts", "saved_outputs", "adapter_folders",
@@ -154,35 +151,17 @@ def export_peft(source: str | Path, target: str | Path) -> Path:
     ``peft.PeftModel.from_pretrained(ProteinModel(backbone, task, num_classes, pooling), target)`` then
     restores adapter and head (see the module docstring); ``protein_head.json`` is copied along.
     """
+
+    def fold(head: dict) -> tuple[list[str], dict]:  # the target scale folded into one Linear
+        std, mean = head[f"{HEAD}.target_std"].float(), head[f"{HEAD}.target_mean"].float()
+        weight, bias = head[f"{HEAD}.linear.weight"] * std, head[f"{HEAD}.linear.bias"] * std + mean
+        return [PEFT_HEAD], {f"{PEFT_HEAD}.weight": weight, f"{PEFT_HEAD}.bias": bias}
+
     source, target = Path(source), Path(target)
-    if not (source / CONFIG).is_file():
-        raise FileNotFoundError(f"{source} has no {CONFIG}; pass a folder that save_adapter() or a run wrote")
-    config = json.loads((source / CONFIG).read_text(encoding="utf-8"))
-    if config.get("format") != "peft-pipelines":
-        raise ValueError(f"{source} is already in HF peft's format; copy it as it is")
-    if config.get("peft_blocker"):
-        raise ValueError(f"{source} cannot be exported to HF peft's format: {config['peft_blocker']}")
-    if (config.get("extra_modules") or [HEAD]) != [HEAD]:
-        raise ValueError(
-            f"{source} carries modules {config['extra_modules']}; a protein folder carries '{HEAD}'"
-        )
-    tensors = load_file(str(source / WEIGHTS))
-    head = {key[len(HEAD) + 1 :]: tensors.pop(key) for key in list(tensors) if key.startswith(f"{HEAD}.")}
-    with tempfile.TemporaryDirectory() as scratch:  # the core converts LoRA tensors only, so no head
-        plain = Path(scratch)
-        save_file(tensors, str(plain / WEIGHTS), metadata={"format": "pt"})
-        (plain / CONFIG).write_text(json.dumps({**config, "extra_modules": []}), encoding="utf-8")
-        convert_adapter(plain, target, format="peft")
+    kind = f"a protein folder carries '{HEAD}'"
+    export_peft_with_head(source, target, lambda extra: extra in ([], [HEAD]), fold, kind)
     facts = read_head_facts(source)
-    if head:
-        weights = load_file(str(target / WEIGHTS))
-        std, mean = head["target_std"].float(), head["target_mean"].float()
-        weights[f"{PEFT_PREFIX}{PEFT_HEAD}.weight"] = (head["linear.weight"] * std).contiguous()
-        weights[f"{PEFT_PREFIX}{PEFT_HEAD}.bias"] = (head["linear.bias"] * std + mean).contiguous()
-        peft_config = json.loads((target / CONFIG).read_text(encoding="utf-8"))
-        peft_config["modules_to_save"] = [PEFT_HEAD]
-        atomic_write(target / WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
-        atomic_write(target / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2)))
+    if json.loads((target / CONFIG).read_text(encoding="utf-8")).get("modules_to_save"):
         facts = {**(facts or {}), "peft_head": {"modules_to_save": [PEFT_HEAD], "target_scale_folded": True}}
     if facts:
         write_head_facts(target, facts)

@@ -26,6 +26,7 @@ from .inject import (
 )
 from .layers import AdaptedLayer
 from .norm import is_norm, unsupported_norm
+from .peft_heads import export_peft_with_head
 from .prompt import extend_attention_mask
 from .routing import adapter_routing
 from .salience import select_salient_channels
@@ -55,9 +56,9 @@ __all__ = [
     "ADAPTER_METHODS", "IA3", "SSF", "AdaptedLayer", "AdapterSpec", "BitFit", "Bottleneck", "LoHa", "LoKr",
     "LoRA", "NormTuning", "ParameterCount", "PromptTuning", "VeRA", "adapter_names", "adapter_specs",
     "add_adapter", "as_spec", "convert_adapter", "count_parameters", "disable_adapters",
-    "extend_attention_mask", "is_norm", "load_adapter", "merge", "merge_and_unload", "remove_adapter",
-    "save_adapter", "set_trainable", "spec_from_dict", "spec_to_dict", "unmerge", "unsupported_norm",
-    "wrappers",
+    "export_peft_with_head", "extend_attention_mask", "is_norm", "load_adapter", "merge", "merge_and_unload",
+    "remove_adapter", "save_adapter", "set_trainable", "spec_from_dict", "spec_to_dict", "unmerge",
+    "unsupported_norm", "wrappers",
     # compositions, routing and arithmetic (compose.py, fusion_files.py, routing.py, arithmetic.py)
     "Fuse", "Parallel", "active_composition", "adapter_routing", "add_weighted_adapter", "compose",
     "load_fusion", "remove_fusion", "save_fusion",
