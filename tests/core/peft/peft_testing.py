@@ -79,6 +79,7 @@ class Block(nn.Module):
 
 
 # The tiny LLaMA and its inputs; conftest.py serves them as the fixtures tiny_llama and input_ids.
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]  # 32 -> 32, 32 -> 16 and 64 -> 32, in each of 2 layers
 
 
 def make_tiny_llama() -> nn.Module:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from peft_testing import (
+    LLAMA_TARGETS,
     copy_adapter_to_peft,
     import_hf_peft,
     logits,
@@ -45,7 +46,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:The following rank_pattern keys did not match:RuntimeWarning",
 )
 
-TARGETS = ["q_proj", "v_proj", "down_proj"]  # 32 -> 32, 32 -> 16 and 64 -> 32, in each of 2 layers
+TARGETS = LLAMA_TARGETS
 SCHEDULE = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 3, "beta1": 0.8, "beta2": 0.7}
 PEFT_SCHEDULE = {**SCHEDULE, "deltaT": 2, "lora_alpha": 8, "orth_reg_weight": 0.3}
 OURS = AdaLoRA(**SCHEDULE, delta_t=2, alpha=8, orth_reg_weight=0.3, targets=TARGETS)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from peft_testing import (
+    LLAMA_TARGETS,
     copy_adapter_to_peft,
     import_hf_peft,
     logits,
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:OLoRA changes the base weights of the model:UserWarning",
 )
 
-TARGETS = ["q_proj", "v_proj", "down_proj"]  # 32 -> 32, 32 -> 16 and 64 -> 32, in each of 2 layers
+TARGETS = LLAMA_TARGETS
 INITS = ["pissa", "pissa_niter_2", "olora"]
 
 

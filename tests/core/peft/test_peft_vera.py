@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from peft_testing import (
+    LLAMA_TARGETS,
     assert_same_base_weights,
     copy_adapter_to_peft,
     import_hf_peft,
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Specified to not save vera_A and vera_B:UserWarning",
 )
 
-TARGETS = ["q_proj", "v_proj", "down_proj"]  # 32 -> 32, 32 -> 16 and 64 -> 32, in each of 2 layers
+TARGETS = LLAMA_TARGETS
 
 
 def projections(model: nn.Module, name: str = "default") -> list[nn.Module]:
