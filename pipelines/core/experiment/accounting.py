@@ -12,7 +12,7 @@ from torch import nn
 
 from pipelines.core.peft import spec_to_dict
 
-__all__ = ["adapter_entry", "headline_metric", "parameter_count", "peak_memory_bytes", "cost"]
+__all__ = ["Laps", "adapter_entry", "headline_metric", "parameter_count", "peak_memory_bytes", "cost"]
 
 
 def headline_metric(recipe: Any, primary_results: Any) -> str:
@@ -41,8 +41,24 @@ def peak_memory_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def cost(models: dict[str, Any], primary: str, started: float) -> dict[str, Any]:
-    """Wall time, peak memory, the primary model's training throughput and each model's training time."""
+class Laps:
+    """Wall and CPU seconds of each phase of a run (CPU time tells its cost apart from other jobs' load)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, Any] = {"models": {}}
+        self._mark = (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str, model: bool = False) -> None:
+        """Close the phase ``name`` (under ``models`` when it trained and scored one model)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        seconds = {"wall_s": round(wall - self._mark[0], 2), "cpu_s": round(cpu - self._mark[1], 2)}
+        (self.phases["models"] if model else self.phases)[name] = seconds
+        self._mark = (wall, cpu)
+
+
+def cost(models: dict[str, Any], primary: str, started: float, laps: Laps) -> dict[str, Any]:
+    """Wall time, peak memory, the primary model's training throughput, each model's training time and the
+    phases of the run (``laps``)."""
     results = models[primary].results
     seconds = sum(r.wall_time_s for r in results)
     samples = sum(r.samples_per_second * r.wall_time_s for r in results)
@@ -55,6 +71,7 @@ def cost(models: dict[str, Any], primary: str, started: float) -> dict[str, Any]
         },
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
+        "phases": laps.phases,
     }
 
 

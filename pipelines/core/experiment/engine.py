@@ -6,7 +6,8 @@ model (add the stage's adapter, ``set_trainable``, ``core.training.train``), sav
 that they reload to identical outputs, train each ``compare`` entry on the same data, seed and step
 budget, score every model on the test split with ``evaluate``, and return the RunResult the runner
 writes as the report: the headline, parameters (trainable = what any stage trained; total = every
-parameter of the final model, adapters included) and cost.
+parameter of the final model, adapters included), cost (with each phase's wall and CPU seconds), what
+each stage of each model trained (``extra.models``) and the notes on the low-data draw and compare specs.
 """
 
 from __future__ import annotations
@@ -20,28 +21,39 @@ import torch
 from torch import nn
 
 from pipelines.core.evaluation import RunResult, evaluate
-from pipelines.core.experiment.accounting import adapter_entry, cost, headline_metric, parameter_count
-from pipelines.core.experiment.hooks import ExperimentHooks, Outcome, StagePlan, Trained
-from pipelines.core.peft import add_adapter, as_spec, load_adapter, save_adapter, set_trainable, spec_to_dict
+from pipelines.core.experiment.accounting import Laps, adapter_entry, cost, headline_metric, parameter_count
+from pipelines.core.experiment.hooks import ExperimentData, ExperimentHooks, Outcome, StagePlan, Trained
+from pipelines.core.peft import (
+    add_adapter,
+    as_spec,
+    load_adapter,
+    save_adapter,
+    set_trainable,
+    spec_to_dict,
+    wrappers,
+)
 from pipelines.core.sampling import low_data_indices
 from pipelines.core.training import train
 
-__all__ = ["run_experiment", "compare_label", "compare_stages", "train_candidate"]
+__all__ = ["run_experiment", "compare_label", "compare_stages", "recipe_notes", "train_candidate"]
 
 
 def run_experiment(hooks: ExperimentHooks, recipe: Any, run_dir: Path, resume: bool = False) -> RunResult:
     """Run ``recipe`` with the domain's ``hooks``; returns the report's content (see the module docstring)."""
-    started = time.perf_counter()
+    started, laps = time.perf_counter(), Laps()
     run_dir = Path(run_dir)
     data = hooks.load_data(run_dir)
+    laps.lap("load_data")
     keep = low_data_indices(
         data.train_size, data.train_labels, recipe.data.fraction, recipe.data.shots_per_class, recipe.seed
     )
     hooks.keep_training(keep)
     data.info["low_data"] = {"fraction": recipe.data.fraction, "shots_per_class": recipe.data.shots_per_class,
                              "train_full": data.train_size, "train_used": len(keep)}  # fmt: skip
+    laps.lap("keep_training")
     primary = getattr(hooks, "primary_label", primary_label)(recipe)
     models = {primary: train_candidate(hooks, recipe.stages, primary, run_dir, resume, recipe.seed, True)}
+    laps.lap(primary, model=True)
     for entry in recipe.compare:
         label = compare_label(entry)
         if label == primary:
@@ -50,22 +62,26 @@ def run_experiment(hooks: ExperimentHooks, recipe: Any, run_dir: Path, resume: b
         models[label] = _outcome(label, plan) if isinstance(plan, Outcome) else train_candidate(
             hooks, plan, label, run_dir / "baselines", resume, recipe.seed, False
         )  # fmt: skip
+        laps.lap(label, model=True)
     metrics = list(recipe.evaluation.metrics or data.metrics) or None
     results = {
         label: evaluate(data.task, *m.predictions, metrics, recipe.evaluation.bootstrap, recipe.seed,
                         **m.details.get("evaluate", {}))
         for label, m in models.items()
     }  # fmt: skip
+    laps.lap("evaluate")
     described = hooks.describe(models)
+    laps.lap("describe")
     results.update(described.pop("results", {}))
     described["adapter"] = adapter_entry(recipe, models[primary].adapters) | described.get("adapter", {})
+    described["notes"] = described.get("notes", []) + recipe_notes(recipe, primary, data)
     return RunResult(
         name=recipe.name, pipeline=recipe.pipeline, task=data.task,
         headline_metric=headline_metric(recipe, results[primary]), primary_model=primary,
         results=results, predictions={label: m.predictions for label, m in models.items()},
         parameters={label: m.parameters for label, m in models.items()},
         histories={label: _history(m.results) for label, m in models.items()},
-        info=_info(data.info, described, models, primary, started),
+        info=_info(data.info, described, models, primary, (started, laps)),
     )  # fmt: skip
 
 
@@ -93,6 +109,29 @@ def _label_value(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text.replace(".", "p")).strip("_")
 
 
+def recipe_notes(recipe: Any, primary: str, data: ExperimentData) -> list[str]:
+    """What the engine did that a reader needs to know: the low-data draw and how compare entries trained."""
+    notes, low, last = [], data.info["low_data"], recipe.stages[-1]
+    if low["train_used"] != low["train_full"] or low["shots_per_class"] is not None:
+        asked = f"data.fraction={low['fraction']:g}"
+        if low["shots_per_class"] is not None:
+            asked += f", data.shots_per_class={low['shots_per_class']}"
+        how = "per class" if data.train_labels is not None else "at random"
+        notes.append(f"Low-data run: {low['train_used']} of {low['train_full']} training examples drawn "
+                     f"{how} ({asked}, seed {recipe.seed}); every model trains on these.")  # fmt: skip
+    for entry in recipe.compare:
+        label = compare_label(entry)
+        if label == primary:
+            notes.append(f"Compare entry '{label}' is the primary model; trained once.")
+        elif not isinstance(entry, str):
+            notes.append(
+                f"Compare entry '{label}' is a copy of the last stage ('{last.name}', {last.objective}: its "
+                "data, training settings and steps) with only this adapter (and the head, where the model "
+                "has one), trained on a new model without the earlier stages' adapters."
+            )
+    return notes
+
+
 def compare_stages(recipe: Any, entry: Any) -> list[Any]:
     """A compare entry written as an adapter spec: the last stage's objective and budget, this adapter."""
     last = recipe.stages[-1]
@@ -110,7 +149,7 @@ def train_candidate(
     """
     model = hooks.new_model()
     trained_names: set[str] = set()
-    results, plans = [], []
+    results, plans, stage_facts = [], [], []
     for index, stage in enumerate(stages):
         plan = hooks.plan_stage(model, stage, index)
         plans.append(plan)
@@ -126,14 +165,28 @@ def train_candidate(
             collate_fn=plan.collate_fn, seed=seed, progress=False,
         )  # fmt: skip
         results.append(result)
+        stage_facts.append(_stage_facts(model, stage, plan, config, result))
         if hasattr(hooks, "after_stage"):
             hooks.after_stage(model, stage, result)
     candidate = Trained(label, model, hooks.predict(model), parameter_count(model, trained_names), results)
+    candidate.details["stages"] = stage_facts
     if hasattr(hooks, "evaluate_options"):
         candidate.details["evaluate"] = hooks.evaluate_options(model)
     if save:
         _save_and_check(hooks, candidate, stages, plans, root)
     return candidate
+
+
+def _stage_facts(model: nn.Module, stage: Any, plan: StagePlan, config: Any, result: Any) -> dict[str, Any]:
+    """What one stage trained as the engine ran it: its adapter as written and the modules it went on,
+    what trained, the learning rate, whether it wrote checkpoints, its steps and time."""
+    facts = {"name": stage.name, "objective": stage.objective,
+             "adapter": spec_to_dict(stage.adapter) if stage.adapter is not None else None}  # fmt: skip
+    if plan.adapter is not None:
+        facts["adapted_modules"] = [path for path, layer in wrappers(model) if stage.name in layer.adapters]
+    trainable = "all" if plan.full else list(stage.trainable or []) + list(plan.extra_trainable)
+    return facts | {"trainable": trainable, "lr": config.lr, "checkpoints": plan.checkpoint,
+                    "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2)}  # fmt: skip
 
 
 def _prepare(model: nn.Module, stage: Any, plan: StagePlan) -> None:
@@ -209,7 +262,7 @@ def _model_facts(model: Trained) -> dict[str, Any]:
     return facts | {key: value for key, value in model.details.items() if key != "evaluate"}
 
 
-def _info(dataset: dict, described: dict, models: dict[str, Trained], primary: str, started: float) -> dict:
+def _info(dataset: dict, described: dict, models: dict[str, Trained], primary: str, clock: tuple) -> dict:
     main = models[primary]
     notes = list(described.pop("notes", []))
     if "reload_identical" in main.details:
@@ -220,7 +273,7 @@ def _info(dataset: dict, described: dict, models: dict[str, Trained], primary: s
     extra["models"] = {label: _model_facts(m) for label, m in models.items()}
     return {
         "dataset": {**dataset, **described.pop("dataset", {})},
-        "cost": {**cost(models, primary, started), **described.pop("cost", {})},
+        "cost": {**cost(models, primary, *clock), **described.pop("cost", {})},
         "notes": notes,
         "extra": extra,
         **described,
