@@ -169,7 +169,7 @@ def test_autocast_left_on_by_an_interrupted_forward_is_undone_by_the_next_call()
     apply_precision_policy(model, "cpu", "bf16")
     original = LoRAAdapter.fused_forward
 
-    def interrupt(self, base, x):
+    def interrupt(self, base, x, stack=()):
         raise KeyboardInterrupt
 
     LoRAAdapter.fused_forward = interrupt
@@ -230,7 +230,9 @@ def test_cuda_auto_trains_a_bf16_backbone_on_the_fused_path_and_predicts_after(t
     calls = []
     fused = LoRAAdapter.fused_forward
     monkeypatch.setattr(
-        LoRAAdapter, "fused_forward", lambda self, base, x: calls.append(x.dtype) or fused(self, base, x)
+        LoRAAdapter,
+        "fused_forward",
+        lambda self, base, x, stack=(): calls.append(x.dtype) or fused(self, base, x, stack),
     )
 
     def loss_fn(model, batch):

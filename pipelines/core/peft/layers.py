@@ -109,14 +109,8 @@ class AdaptedLayer(nn.Module):
         base = self.base_layer
         if not active:
             return base(x, *args, **kwargs)
-        first = active[0]
-        if (
-            len(active) == 1
-            and first.kind == "delta"
-            and hasattr(first, "fusable")
-            and first.fusable(base, x)
-        ):
-            return first.fused_forward(base, x)
+        if all(a.kind == "delta" and hasattr(a, "fusable") and a.fusable(base, x) for a in active):
+            return active[0].fused_forward(base, x, tuple(active[1:]))  # LoRA stacks: one Function
         replacing = [adapter for adapter in active if adapter.kind == "forward"]
         out = replacing[-1].forward_with(base, x) if replacing else base(x, *args, **kwargs)
         for adapter in active:

@@ -1,9 +1,10 @@
 """LoRA (and DoRA) adapters for Linear, Embedding, ConvNd and ConvTranspose1d layers, with their merge rules.
 
 Adapter weights live in float32 and are cast to the activation dtype inside forward, so activations are
-never upcast. On a frozen Linear without dropout, a fused autograd Function adds the low-rank product into
-the base GEMM's output and saves only the input and the rank-r projection for backward; its bf16 copies
-of A and B (with the scale folded in) are cached until the optimiser changes the float32 weights. Under
+never upcast. On a frozen Linear, a fused autograd Function adds the low-rank products of every LoRA
+adapter stacked there into the base GEMM's output and saves only the input, each rank-r projection and,
+under dropout, a boolean keep mask for backward; its bf16 copies of A and B (with the scale folded in)
+are cached until the optimiser changes the float32 weights. Under
 autocast the fused path computes in the autocast dtype, as F.linear would: the input, and a float32
 frozen weight, are cast to it first; projections that read one input in turn (q, k, v) share its cast.
 PiSSA and OLoRA layers (lora_init.py) compute the same way on their residual base weight; while merged
@@ -74,38 +75,66 @@ def _product_operands(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     return left, right
 
 
-class _FusedLoRALinear(torch.autograd.Function):
-    """y = x W^T + b + (x A^T)(s B)^T for a frozen W; returns float32 gradients for A and B.
+class _FusedLoRAStack(torch.autograd.Function):
+    """y = x W^T + b + sum_i (d_i(x) A_i^T)(s_i B_i)^T for a frozen W and the LoRA adapters i stacked on it
+    (d_i: adapter i's dropout, or none); float32 gradients for each A_i and B_i that trains.
 
-    With `factors` (see `_product_operands`) x is rebuilt in backward as their product, bit for bit.
+    Saved for backward: x (or, with `factors` from `_product_operands`, the two factors it is rebuilt
+    from, bit for bit), each adapter's rank-r projection and, under dropout, its keep mask as booleans.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, a_cast, b_scaled, scaling, factors):
+    def forward(ctx, x, weight, bias, factors, plan, *tensors):
         x2 = x.reshape(-1, x.shape[-1])
         out = F.linear(x2, weight, bias)
-        u = x2 @ a_cast.t()
-        out.addmm_(u, b_scaled.t())
+        saved = []
+        for i, (p, _) in enumerate(plan):
+            a_cast, b_scaled = tensors[4 * i + 2], tensors[4 * i + 3]
+            if p > 0:  # the noise F.dropout draws on the CPU: the same random numbers in the same order
+                noise = torch.empty_like(x).bernoulli_(1 - p).reshape(x2.shape)
+                keep = noise.bool()
+                u = (x2 * noise.div_(1 - p)) @ a_cast.t()
+            else:
+                keep, u = None, x2 @ a_cast.t()
+            out.addmm_(u, b_scaled.t())
+            saved += [u, a_cast, b_scaled, keep]
         kept = factors if factors is not None else (x,)
-        ctx.save_for_backward(u, weight, a_cast, b_scaled, *kept)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
-        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        ctx.save_for_backward(weight, *[t for t in saved if t is not None], *kept)
+        ctx.layout = [t is not None for t in saved]
+        ctx.plan, ctx.x_shape, ctx.kept = plan, x.shape, len(kept)
+        ctx.dtypes = [(tensors[4 * i].dtype, tensors[4 * i + 1].dtype) for i in range(len(plan))]
         return out  # 2-D: a view made here could not be modified in place by the caller
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, weight, a_cast, b_scaled, *kept = ctx.saved_tensors
+        weight, *rest = ctx.saved_tensors
+        kept = rest[len(rest) - ctx.kept :]
+        stored = iter(rest[: len(rest) - ctx.kept])
+        saved = [next(stored) if present else None for present in ctx.layout]
         x = kept[0] if len(kept) == 1 else kept[0] * kept[1]
         x2 = x.reshape(-1, x.shape[-1])
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        gb = g @ b_scaled
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(gb, a_cast).view(ctx.x_shape)
-        grad_a = (gb.t() @ x2).to(ctx.a_dtype)
-        # beta=0: b_scaled only gives the shape; the scale rides on the GEMM instead of a kernel of its own
-        grad_b = torch.addmm(b_scaled, g.t(), u, beta=0, alpha=ctx.scaling).to(ctx.b_dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        grads: list[torch.Tensor | None] = []
+        for i, (p, scaling) in enumerate(ctx.plan):
+            u, a_cast, b_scaled, keep = saved[4 * i : 4 * i + 4]
+            wants_a, wants_b = ctx.needs_input_grad[5 + 4 * i], ctx.needs_input_grad[6 + 4 * i]
+            gb = g @ b_scaled
+            noise = None if keep is None else keep.to(x2.dtype).div_(1 - p)
+            if grad_x is not None:
+                if noise is None:
+                    grad_x.addmm_(gb, a_cast)
+                else:
+                    grad_x.add_((gb @ a_cast) * noise)
+            h = x2 if noise is None else x2 * noise
+            a_dtype, b_dtype = ctx.dtypes[i]
+            grad_a = (gb.t() @ h).to(a_dtype) if wants_a else None
+            # beta=0: b_scaled only gives the shape; the scale rides on the GEMM, not on a kernel of its own
+            grad_b = torch.addmm(b_scaled, g.t(), u, beta=0, alpha=scaling).to(b_dtype) if wants_b else None
+            grads += [grad_a, grad_b, None, None]
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, None, None, None, None, *grads
 
 
 class LoRAAdapter(nn.Module):
@@ -216,7 +245,7 @@ class LoRAAdapter(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def fusable(self, base: nn.Module, x: torch.Tensor) -> bool:
-        """Whether the fused Linear path applies: frozen base, no dropout or DoRA (autocast or not).
+        """Whether the fused Linear path applies: a frozen base, no DoRA (dropout, autocast or not).
 
         Under torch.compile the plain path is taken: Inductor fuses it better than it can trace the cache.
         """
@@ -224,7 +253,6 @@ class LoRAAdapter(nn.Module):
             isinstance(base, nn.Linear)
             and not torch.compiler.is_compiling()
             and not hasattr(self, "lora_magnitude_vector")
-            and (self.spec.dropout == 0 or not self.training)
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
         )
@@ -239,7 +267,9 @@ class LoRAAdapter(nn.Module):
                 self._cache = (key, a.to(dtype), (b * self.scaling).to(dtype))
         return self._cache[1], self._cache[2]
 
-    def fused_forward(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def fused_forward(self, base: nn.Linear, x: torch.Tensor, stack: tuple = ()) -> torch.Tensor:
+        """The layer's output with this adapter and the fusable LoRA adapters of ``stack`` after it, in one
+        autograd Function (see ``_FusedLoRAStack``)."""
         weight, bias = base.weight, base.bias
         device = x.device.type
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64:  # autocast leaves float64 alone
@@ -250,10 +280,13 @@ class LoRAAdapter(nn.Module):
             x = _cast_input(x, dtype) if x.dtype != dtype else x
             weight = weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        a_cast, b_scaled = self._cast_weights(x.dtype)
-        a, b = self.lora_A.weight, self.lora_B.weight
+        plan, tensors = [], []
+        for adapter in (self, *stack):
+            a_cast, b_scaled = adapter._cast_weights(x.dtype)
+            tensors += [adapter.lora_A.weight, adapter.lora_B.weight, a_cast, b_scaled]
+            plan.append((adapter.spec.dropout if adapter.training else 0.0, adapter.scaling))
         factors = _product_operands(x) if torch.is_grad_enabled() else None
-        out = _FusedLoRALinear.apply(x, weight, bias, a, b, a_cast, b_scaled, self.scaling, factors)
+        out = _FusedLoRAStack.apply(x, weight, bias, factors, tuple(plan), *tensors)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta(self, base: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

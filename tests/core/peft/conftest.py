@@ -32,13 +32,13 @@ def input_ids():
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """The input dtype of every forward that takes the fused LoRA path."""
+    """The input dtype of every adapter forward that takes the fused LoRA path (a stack: one per adapter)."""
     calls = []
     original = LoRAAdapter.fused_forward
 
-    def counting(self, base, x):
-        calls.append(x.dtype)
-        return original(self, base, x)
+    def counting(self, base, x, stack=()):
+        calls.extend([x.dtype] * (1 + len(stack)))  # one entry per adapter the Function computes
+        return original(self, base, x, stack)
 
     monkeypatch.setattr(LoRAAdapter, "fused_forward", counting)
     return calls

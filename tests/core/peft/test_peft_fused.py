@@ -119,21 +119,13 @@ def test_cache_from_inference_mode_is_not_reused_for_training(fused_calls):
     assert len(fused_calls) == 2
 
 
-@pytest.mark.parametrize("case", ["dropout", "trainable-base", "dora"])
+@pytest.mark.parametrize("case", ["trainable-base", "dora"])
 def test_plain_path_where_the_fused_one_does_not_apply(fused_calls, case):
-    model = lora_linear(dropout=0.5 if case == "dropout" else 0.0, use_dora=case == "dora").train()
+    model = lora_linear(use_dora=case == "dora").train()
     if case == "trainable-base":
         model.proj.base_layer.requires_grad_(True)
-    x = torch.randn(3, 16)
-    model(x)
+    model(torch.randn(3, 16))
     assert fused_calls == []
-    if case in ("dropout", "dora"):  # eval mode, no dropout: dropout case takes the fused path again
-        model.eval()
-        with torch.no_grad():
-            out = model(x)
-        assert len(fused_calls) == (1 if case == "dropout" else 0)
-        if case == "dropout":
-            torch.testing.assert_close(out, plain(model, x), atol=1e-6, rtol=0)
 
 
 def bf16_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -214,9 +206,9 @@ def test_projections_of_one_float32_input_share_its_autocast_cast(monkeypatch):
     add_adapter(model, LoRA(r=4, alpha=8, targets=["q", "k", "v"]))
     perturb_adapters(model, scale=0.3)
     inputs = []
-    original = lora._FusedLoRALinear.apply
+    original = lora._FusedLoRAStack.apply
     monkeypatch.setattr(
-        lora._FusedLoRALinear, "apply", lambda x, *rest: inputs.append(x) or original(x, *rest)
+        lora._FusedLoRAStack, "apply", lambda x, *rest: inputs.append(x) or original(x, *rest)
     )
     x = torch.randn(4, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
