@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import pipeline_step  # noqa: E402
-from pipeline_cases import build_case  # noqa: E402
+from pipeline_cases import DOMAINS, build_case  # noqa: E402
 
 
 def test_cpu_speech_case_times_every_row_with_the_same_adapters_on_both_lora_sides():
@@ -49,3 +50,12 @@ def test_hf_peft_targets_are_the_modules_the_pipeline_adapts():
     theirs = pipeline_step.prepare(case, "hf_peft")
     count = {m: sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, theirs)}
     assert count[ours] == count[theirs] > 0  # both adapters and the head train on both sides
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_every_pipeline_step_takes_the_fused_lora_path_on_every_adapted_linear(domain):
+    """Each domain's own training step (the clinical task stage over its domain adapter, LoRA dropout
+    included) computes every LoRA adapter in the fused Function, none on the plain path."""
+    (row,) = pipeline_step.measure("cpu", domain, ["pipeline"], torch.device("cpu"), 1, 1)
+    counts = row["lora_forwards_per_step"]
+    assert counts["plain"] == 0 and counts["fused"] > 0, counts
