@@ -157,8 +157,11 @@ def plain_steps(case: Case, row: str, device: torch.device, steps: int, warmup: 
     return _row(case, row, times, device, sum(p.numel() for p in trainable), policy, paths, warmup + steps)
 
 
-def pipeline_steps(case: Case, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
-    """Times the pipeline's own training entry between optimiser steps (the core loop's step)."""
+def pipeline_steps(
+    case: Case, device: torch.device, steps: int, warmup: int, precision: str = "auto"
+) -> dict[str, Any]:
+    """Times the pipeline's own training entry between optimiser steps (the core loop's step); ``precision``
+    is the loop's ``train.precision`` (``bf16`` on the CPU applies the policy ``auto`` gives on CUDA)."""
     stamps: list[float] = []
     trainable: list[int] = []
 
@@ -174,6 +177,7 @@ def pipeline_steps(case: Case, device: torch.device, steps: int, warmup: int) ->
         lr=1e-5,
         device=str(device),
         log_every=warmup + steps,
+        precision=precision,
     )
     handle = register_optimizer_step_post_hook(stamp)
     try:
@@ -202,8 +206,11 @@ def _row(case: Case, row: str, times: list, device, trainable, policy, paths: di
     }
 
 
-def measure(config: str, domain: str, rows: list[str], device: torch.device, steps: int, repeat: int) -> list:
-    """Every row of one domain in this process, the rows taken in turns `repeat` times."""
+def measure(
+    config: str, domain: str, rows: list[str], device: torch.device, steps: int, repeat: int, precision="auto"
+) -> list:
+    """Every row of one domain in this process, the rows taken in turns `repeat` times (``precision``: the
+    pipeline row's, see ``pipeline_steps``)."""
     warmup = WARMUP[config]
     case = build_case(config, domain, warmup + steps)
     measured: dict[str, dict] = {}
@@ -211,7 +218,7 @@ def measure(config: str, domain: str, rows: list[str], device: torch.device, ste
         for row in rows[round_ % len(rows) :] + rows[: round_ % len(rows)]:  # each row first in turn
             torch.manual_seed(0)
             if row == "pipeline":
-                sample = pipeline_steps(case, device, steps, warmup)
+                sample = pipeline_steps(case, device, steps, warmup, precision)
             else:
                 sample = plain_steps(case, row, device, steps, warmup)
             if row in measured:

@@ -52,10 +52,15 @@ def test_hf_peft_targets_are_the_modules_the_pipeline_adapts():
     assert count[ours] == count[theirs] > 0  # both adapters and the head train on both sides
 
 
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_every_pipeline_step_takes_the_fused_lora_path_on_every_adapted_linear(domain):
+def test_every_pipeline_step_takes_the_fused_lora_path_under_its_precision_policy(domain, precision):
     """Each domain's own training step (the clinical task stage over its domain adapter, LoRA dropout
-    included) computes every LoRA adapter in the fused Function, none on the plain path."""
-    (row,) = pipeline_step.measure("cpu", domain, ["pipeline"], torch.device("cpu"), 1, 1)
-    counts = row["lora_forwards_per_step"]
+    included) computes every LoRA adapter in the fused Function, none on the plain path: in float32, and
+    under the policy CUDA's ``auto`` gives (``bf16`` on the CPU: frozen weights cast, bf16 autocast)."""
+    (row,) = pipeline_step.measure("cpu", domain, ["pipeline"], torch.device("cpu"), 1, 1, precision)
+    counts, policy = row["lora_forwards_per_step"], row["precision"]
     assert counts["plain"] == 0 and counts["fused"] > 0, counts
+    expected = "bfloat16" if precision == "bf16" else "float32"
+    assert policy["compute_dtype"] == policy["frozen_dtype"] == expected
+    assert (policy["cast_parameters"] > 0) == (precision == "bf16")
