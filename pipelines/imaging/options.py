@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,3 +63,9 @@ class ImagingOptions(BaseModel):
     backbone: BackboneOptions = Field(default_factory=BackboneOptions, description="backbone.options")
     data: DataOptions = Field(default_factory=DataOptions, description="data.options")
     stages: list[StageOptions] = Field(default_factory=list, description="stages[i].options")
+
+    def for_stage(self, stages: list[Any], stage: Any) -> StageOptions:
+        """The options of ``stage``, one of the recipe's ``stages``; a baseline's (a stage not among them)
+        are those of the last stage, whose budget it trains on."""
+        index = next((i for i, given in enumerate(stages) if given is stage), len(stages) - 1)
+        return self.stages[index] if index < len(self.stages) else StageOptions()

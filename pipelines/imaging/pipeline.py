@@ -5,11 +5,11 @@ this domain's hooks (:mod:`pipelines.imaging.experiment`): it trains the recipe'
 model) and each baseline in ``compare`` on the same data, seed and budget, picks each model's threshold on
 validation (Youden's J) and scores the test split with bootstrap intervals. A ``compare`` entry is
 ``linear_probe``, ``full_finetune``, an adapter method by name (``lora``, ``ssf``, ``bitfit``, ``norm``,
-``bottleneck``, ``prompt``, ``ia3``: the method's default spec on this backbone, recorded in the report's
-``extra.baselines``) or a full spec such as ``{method: lora, r: 16, targets: [qkv]}``, whose empty
-targets mean the backbone family's defaults. ``data.options.sweep_fractions`` repeats all of it at several
-training-set fractions (the low-data experiment of Dutt et al. 2024) in one report
-(:mod:`pipelines.core.experiment.sweep`).
+``bottleneck``, ``prompt``, ``ia3``: the method's default spec on this backbone, recorded with what each
+stage trained in the report's ``extra.models``) or a full spec such as
+``{method: lora, r: 16, targets: [qkv]}``, whose empty targets mean the backbone family's defaults.
+``data.options.sweep_fractions`` repeats all of it at several training-set fractions (the low-data
+experiment of Dutt et al. 2024) in one report (:mod:`pipelines.core.experiment.sweep`).
 
 From lab code::
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from pipelines.protein.data import IGNORE_INDEX
 
-__all__ = ["ProteinModel", "TaskHead", "TASKS", "residue_mask"]
+__all__ = ["ProteinModel", "TaskHead", "TASKS", "residue_mask", "target_statistics"]
 
 TASKS = ("regression", "binary", "multiclass", "residue")
 
@@ -25,6 +25,15 @@ def residue_mask(tokens: torch.Tensor, vocabulary: Any) -> torch.Tensor:
     """True at residue positions (not CLS, EOS or padding)."""
     special = (tokens == vocabulary.padding_index) | (tokens == vocabulary.cls_index)
     return ~(special | (tokens == vocabulary.eos_index))
+
+
+def target_statistics(records: list[Any], task: str) -> tuple[float, float]:
+    """The mean and standard deviation a regression head standardises its targets with (those of the
+    training ``records``; a constant target's deviation is 1); (0, 1) for a classification task."""
+    if task != "regression":
+        return 0.0, 1.0
+    targets = np.asarray([record.target for record in records], dtype=np.float64)
+    return float(targets.mean()), float(targets.std()) or 1.0
 
 
 class TaskHead(nn.Module):

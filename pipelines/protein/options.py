@@ -47,3 +47,9 @@ class ProteinOptions(BaseModel):
     backbone: BackboneOptions = Field(default_factory=BackboneOptions, description="backbone.options")
     data: DataOptions = Field(default_factory=DataOptions, description="data.options")
     stages: list[StageOptions] = Field(default_factory=list, description="stages[i].options")
+
+    def for_stage(self, index: int, recipe_stages: int) -> StageOptions:
+        """The options of stage ``index`` of a recipe of ``recipe_stages`` stages (a later index, a compare
+        entry's stage: the last stage's); the defaults unless every stage has options."""
+        index = min(index, recipe_stages - 1)
+        return self.stages[index] if len(self.stages) == recipe_stages else StageOptions()

@@ -44,14 +44,16 @@ from pipelines.core.peft import (
 from pipelines.core.registry import register_pipeline
 from pipelines.core.training import TrainConfig, TrainResult, train
 from pipelines.protein import adapters
+from pipelines.protein.adapters import HEAD
 from pipelines.protein.backbones import expand_targets, load_backbone
 from pipelines.protein.batching import ProteinDataset, TaskCollator
 from pipelines.protein.data import ProteinDataError, ProteinRecord, check_targets, records_from_lists
 from pipelines.protein.datasets import RESIDUE_DATASETS, SEQUENCE_DATASETS, DataOptions
 from pipelines.protein.metrics import register_protein_metrics
-from pipelines.protein.model import ProteinModel
+from pipelines.protein.model import ProteinModel, target_statistics
 from pipelines.protein.options import BackboneOptions, ProteinOptions, StageOptions
 from pipelines.protein.splits import limit_length
+from pipelines.protein.stages import task_stage
 
 __all__ = ["ProteinOptions", "StageOptions", "BackboneOptions", "SequencePipeline", "ResiduePipeline"]
 
@@ -61,7 +63,6 @@ DEFAULT_METRICS = {
     "binary": ["auroc", "accuracy", "mcc"],
     "multiclass": ["accuracy", "auroc", "mcc"],
 }
-HEAD = "head"
 
 
 class _ProteinPipeline:
@@ -234,10 +235,7 @@ class _ProteinPipeline:
         import torch
 
         backbone = self.load_backbone()
-        mean, std = 0.0, 1.0
-        if self.task == "regression":
-            targets = np.asarray([r.target for r in train_records], dtype=np.float64)
-            mean, std = float(targets.mean()), float(targets.std()) or 1.0
+        mean, std = target_statistics(train_records, self.task)
         torch.manual_seed(self.seed)
         num_classes = max(2, self.classes(train_records))
         self.model = ProteinModel(backbone, self.model_task(), num_classes, self.pooling, mean, std)
@@ -282,11 +280,11 @@ class _ProteinPipeline:
             add_adapter(model, spec, name=name)
         names = trainable if trainable is not None else ([name] if spec is not None else [])
         set_trainable(model, names, extra=[HEAD])
-        collate = TaskCollator(model.vocabulary, self.model_task())
+        evaluate_fn = self.validation_fn(val_records) if val_records else None
+        plan = task_stage(model, spec, train_records, self.model_task(), evaluate_fn)  # what a recipe trains
         return train(
-            model, ProteinDataset(train_records), lambda m, batch: m.loss(batch), config,
-            evaluate_fn=self.validation_fn(val_records) if val_records else None,
-            run_dir=run_dir, resume=resume, collate_fn=collate, seed=self.seed, progress=False,
+            model, plan.dataset, plan.loss_fn, config, evaluate_fn=plan.evaluate_fn, run_dir=run_dir,
+            resume=resume, collate_fn=plan.collate_fn, seed=self.seed, progress=False,
         )  # fmt: skip
 
     # ----- lab code -----------------------------------------------------------------------------------

@@ -117,9 +117,14 @@ def test_compare_takes_full_adapter_specs_with_explicit_or_default_targets(tmp_p
     head = 32 * 2 + 2
     assert result.parameters[explicit]["trainable"] == head + 2 * (2 * 32 + 128 * 2)  # fc1: 32 -> 128
     assert result.parameters[default]["trainable"] == head + 2 * (2 * 32 + 96 * 2)  # the ViT default: qkv
-    facts = result.info["extra"]["baselines"]
-    assert facts[explicit]["adapter"]["targets"] == ["fc1"] and facts[explicit]["adapted_modules"] == 2
-    assert facts[default]["adapter"]["alpha"] == 4 and facts[default]["adapted_modules"] == 2
+    models = result.info["extra"]["models"]  # the engine's record of each stage as it trained
+    (given,), (defaults,) = models[explicit]["stages"], models[default]["stages"]
+    blocks = [f"backbone.net.blocks.{i}" for i in (0, 1)]
+    assert given["adapter"]["targets"] == ["fc1"]
+    assert given["adapted_modules"] == [f"{b}.mlp.fc1" for b in blocks]
+    assert defaults["adapter"]["alpha"] == 4 and defaults["adapter"]["targets"] == []  # as written
+    assert defaults["adapted_modules"] == [f"{b}.attn.qkv" for b in blocks]
+    assert given["trainable"] == [explicit, "head"] and given["lr"] == recipe.stages[0].train.lr
 
 
 def test_lab_code_fit_trains_the_model_a_recipe_trains(tmp_path, npz_file, tiny_vit):

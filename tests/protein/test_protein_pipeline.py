@@ -93,8 +93,15 @@ def test_recipe_with_masked_lm_stage_then_task_stage(tmp_path):
     assert report["backbone"]["weights"] == "random initialisation"
     assert any("NOT pretrained" in note for note in report["notes"])
     assert report["dataset"]["sizes"] == {"train": 41, "valid": 4, "test": 15}  # 10% of 45 held out
-    stage = report["extra"]["stages"]["evotune"]
+    stage = report["extra"]["masked_lm"]["evotune"]
     assert stage["valid_perplexity_before"] > 1 and stage["valid_perplexity_after"] > 1
+    assert stage["sequences"] == 41 and stage["mask_probability"] == 0.15
+    evotune, task = report["extra"]["models"]["lora"]["stages"]  # the engine's record of each stage
+    assert (evotune["objective"], evotune["trainable"], task["trainable"]) == (
+        "masked_lm",
+        ["evotune"],
+        ["task", "head"],
+    )
     assert (run_dir / "adapters" / "evotune" / "adapter_model.safetensors").is_file()
     config = json.loads((run_dir / "adapters" / "task" / "adapter_config.json").read_text())
     assert config["modules"] == ["backbone.model.layers.1.self_attn.q_proj"] and config["extra_modules"] == [
