@@ -309,3 +309,19 @@ def test_a_vera_recipe_trains_vectors_only_and_its_saved_adapter_reloads(tmp_pat
     assert report["parameters"]["vera"]["trainable"] == head + 2 * (4 + 96)  # d (r) and b (qkv's 96 outputs)
     assert report["parameters"]["lora"]["trainable"] == head + 2 * (8 * 32 + 96 * 8)  # the default r=8
     assert any("identical outputs" in note for note in report["notes"])
+
+
+def test_max_train_caps_what_the_low_data_draw_kept_and_the_notes_say_so(tmp_path, npz_file, tiny_vit):
+    recipe = _recipe(tmp_path, npz_file, tiny_vit, "[lora]", ", max_train: 10")
+    run_dir = run_recipe(recipe, ["data.fraction=0.5"], output_dir=tmp_path / "runs")
+    report = json.loads((run_dir / "report.json").read_text())
+    used, low = report["dataset"]["splits"]["train"], report["dataset"]["low_data"]
+    assert (low["train_full"], low["train_used"], used) == (48, 24, 10)
+    notes = report["notes"]
+    assert any(note.startswith("Low-data run: 24 of 48 training examples drawn per class") for note in notes)
+    assert (
+        "Training images: 10 of the 24 training examples (data.options.max_train=10, a stratified cap "
+        "applied after any low-data draw)." in notes
+    )
+    assert "Compare entry 'lora' is the primary model; trained once." in notes  # the engine's, said once
+    assert not any(note.startswith("Baseline 'lora'") for note in notes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from pipelines.core.peft import LoRA, add_adapter, load_adapter, save_adapter, s
 from pipelines.protein.backbones import expand_targets, load_backbone
 from pipelines.protein.batching import MaskedLMCollator, TaskCollator, pad_tokens
 from pipelines.protein.data import IGNORE_INDEX, records_from_lists
-from pipelines.protein.model import ProteinModel
+from pipelines.protein.model import ProteinModel, target_statistics
 
 SHORT, LONG = "MKVLAT", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIE"
 
@@ -110,3 +112,13 @@ def test_masked_lm_collator_masks_residues_only_and_is_reproducible():
     expected = torch.nn.functional.cross_entropy(logits[chosen], first["labels"][chosen])
     model = ProteinModel(backbone, "regression")
     torch.testing.assert_close(model.masked_lm_loss(first), expected)
+
+
+def test_target_statistics_standardise_regression_targets_only():
+    targets = [1.0, 2.0, 6.0]
+    records = records_from_lists(["MK", "MKV", "MKVL"], targets=targets)
+    expected = (statistics.mean(targets), statistics.pstdev(targets))
+    assert target_statistics(records, "regression") == pytest.approx(expected)
+    constant = records_from_lists(["MK", "MV"], targets=[3.0, 3.0])
+    assert target_statistics(constant, "regression") == (3.0, 1.0)  # a zero spread would divide by zero
+    assert target_statistics(records, "multiclass") == (0.0, 1.0)
