@@ -9,7 +9,7 @@ import torch
 
 from pipelines.core.evaluation import bootstrap_mean, perplexity
 
-__all__ = ["held_out_perplexity", "perplexity_from_nll", "perplexity_change"]
+__all__ = ["held_out_perplexity", "perplexity_from_nll", "perplexity_change", "PerplexityLog"]
 
 
 def perplexity_from_nll(
@@ -95,3 +95,42 @@ def held_out_perplexity(
     model.train(was_training)
     nll = torch.cat(sums).double().numpy() if sums else np.zeros(0)
     return perplexity_from_nll(nll, int(blocks.shape[1]) - 1, bootstrap=bootstrap, seed=seed)
+
+
+class PerplexityLog:
+    """Held-out perplexity of the base LM and after each causal-LM stage, with each stage's paired change
+    from the base LM: the report's perplexity rows (``results``) and its ``extra`` entries."""
+
+    def __init__(self, bootstrap: int = 1000, seed: int = 0) -> None:
+        self.bootstrap, self.seed = bootstrap, seed
+        self.values: dict[str, dict] = {}
+        self.changes: dict[str, dict] = {}
+
+    @property
+    def base(self) -> dict:
+        """The base LM's perplexity (before any stage)."""
+        return self.values["base_lm"]
+
+    def add_base(self, value: dict) -> None:
+        """Record the base LM's perplexity (see :func:`held_out_perplexity`)."""
+        self.values["base_lm"] = value
+
+    def add_after(self, stage: str, value: dict) -> dict:
+        """Record the perplexity after ``stage`` on the base LM's blocks; returns its paired change."""
+        change = perplexity_change(self.base, value, self.bootstrap, self.seed)
+        self.values[f"after_{stage}"], self.changes[f"after_{stage}"] = value, change
+        return change
+
+    def results(self) -> dict[str, dict]:
+        """One ``results`` row per measurement: ``{"perplexity": {"value", "low", "high"}}``."""
+        return {
+            name: {"perplexity": {key: value[key] for key in ("value", "low", "high")}}
+            for name, value in self.values.items()
+        }
+
+    def extra(self) -> dict[str, dict]:
+        """Every measurement without its per-block NLL, and the paired changes."""
+        values = {
+            name: {k: v for k, v in value.items() if k != "block_nll"} for name, value in self.values.items()
+        }
+        return {"perplexity": values, "perplexity_change": self.changes}

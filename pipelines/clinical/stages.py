@@ -1,5 +1,6 @@
 """The mechanics shared by the recipe path and lab code: build the model, turn notes into tensors, place
-a stage's adapter in the causal LM, the two losses, the cached-layer check, score, save and load."""
+a stage's adapter in the causal LM, the two losses, the cached-layer check, the baselines' stages, score,
+save and load."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -22,6 +22,7 @@ from pipelines.clinical.metrics import held_out_perplexity
 from pipelines.clinical.model import ClinicalModel, classification_loss, num_outputs, predict_scores
 from pipelines.clinical.options import StageOptions
 from pipelines.clinical.tokens import ClassificationSet, LMBlocks, PadCollate, encode_notes, pack_blocks
+from pipelines.core.experiment.engine import compare_stages
 from pipelines.core.peft import (
     AdaptedLayer,
     LoRA,
@@ -32,6 +33,7 @@ from pipelines.core.peft import (
     add_adapter,
     load_adapter,
     save_adapter,
+    spec_to_dict,
     wrappers,
 )
 from pipelines.core.peft.inject import logical_modules, matches
@@ -52,12 +54,17 @@ __all__ = [
     "lm_data",
     "lm_adapter",
     "check_cached_layers",
+    "adapted_lm_modules",
+    "stage_adapter",
+    "check_compare_specs",
+    "baseline_stages",
     "lm_loss",
     "ClassificationLoss",
     "score",
     "perplexity_of",
     "save_adapters",
     "save_exports",
+    "export_run_adapters",
     "load_adapters",
 ]
 
@@ -218,6 +225,62 @@ def check_cached_layers(model: ClinicalModel, adding: Sequence[str] = ()) -> Non
         )
 
 
+def adapted_lm_modules(spec: Any) -> list[str]:
+    """The LM modules a resolved adapter (see :func:`lm_adapter`) goes on; none without an adapter."""
+    return [] if spec is None else [target.removeprefix("lm.") for target in spec.targets]
+
+
+def stage_adapter(model: ClinicalModel, stage: StageSection) -> Any:
+    """The stage's adapter resolved for ``model`` (see :func:`lm_adapter`; None: the stage adds none).
+    Refuses, before anything changes, a stage that trains a missing adapter or puts an adapter below the
+    cached layers."""
+    spec = lm_adapter(model, stage.adapter, stage.name)
+    known = adapter_names(model) + ([stage.name] if spec is not None else [])
+    unknown = [n for n in stage.trainable or [] if n not in known]
+    if unknown:
+        raise StageError(
+            f"stage '{stage.name}' trains adapter(s) {unknown} that the model does not have "
+            f"(it has {adapter_names(model)}); add them in an earlier stage"
+        )
+    # set_trainable (next, in the engine) trains only adapters and the head, so checking the adapters
+    # already there and the modules about to get one covers everything the stage will train.
+    check_cached_layers(model, adapted_lm_modules(spec))
+    return spec
+
+
+def check_compare_specs(model: ClinicalModel, recipe: Any) -> None:
+    """Refuse, before anything trains, a compare spec ``model`` cannot hold: a target that matches no LM
+    module, or an adapter below the cached layers (the classification sets' cached states)."""
+    for index, entry in enumerate(recipe.compare):
+        if isinstance(entry, str):
+            continue
+        # The spec's stage trains only its own adapter and the head: only where the adapter goes can fail.
+        try:
+            stage_adapter(model, compare_stages(recipe, entry)[0])
+        except StageError as error:
+            raise StageError(f"compare.{index}: {error}") from None
+
+
+def baseline_stages(stages: list[StageSection], name: str) -> list[StageSection]:
+    """A named baseline's stages: ``head_only``, the frozen backbone and a head (the first classification
+    stage without its adapter); ``single_stage_lora``, the classification stages alone (no domain
+    adaptation), training only the adapters they add."""
+    heads = [s for s in stages if s.objective == "classification"]
+    if name == "head_only":
+        return [heads[0].model_copy(update={"name": "head", "adapter": None, "trainable": []})]
+    if name != "single_stage_lora":
+        raise StageError(f"compare: unknown baseline '{name}'; use head_only or single_stage_lora")
+    added: list[str] = []
+    copies = []
+    for stage in heads:
+        if stage.adapter is not None:
+            added.append(stage.name)
+        copies.append(stage.model_copy(update={"trainable": [n for n in stage.trainable if n in added]}))
+    if not added:
+        raise StageError("compare: single_stage_lora needs a classification stage with an adapter")
+    return copies
+
+
 def _inner(model: Any) -> ClinicalModel:
     return getattr(model, "module", model)  # DDP / FSDP wrappers keep the model in .module
 
@@ -299,6 +362,33 @@ def save_exports(
     return sizes
 
 
+def export_run_adapters(
+    model: ClinicalModel,
+    saved: dict[str, Path],
+    bare_lm: Any,
+    directory: Path,
+    head_info: dict[str, Any],
+    stages: Sequence[StageSection],
+) -> dict[str, Any]:
+    """Write a recipe run's HF peft copies and head (:func:`save_exports`) beside the native adapter
+    folders the engine saved (``saved``: adapter name -> folder).
+
+    Returns:
+        The report's ``adapter`` facts: the methods, each stage's spec, the order the adapters compose in,
+        the native folders' bytes and the bytes of every folder.
+    """
+    sizes = {name: (path / WEIGHTS).stat().st_size for name, path in saved.items()}
+    sizes.update(save_exports(model, bare_lm, directory, head_info))
+    specs = {s.name: spec_to_dict(s.adapter) for s in stages if s.adapter is not None}
+    return {
+        "method": ", ".join(sorted({d["method"] for d in specs.values()})) or "none",
+        "spec": specs,
+        "order": adapter_names(model),
+        "file_size_bytes": sum(v for k, v in sizes.items() if "/" not in k),
+        "files": sizes,
+    }
+
+
 def load_adapters(model: ClinicalModel, directory: Path, names: list[str] | None = None) -> None:
     """Load saved adapters (native folders, in the order they compose; default: head.json's order) and
     the head into a fresh ``model``."""
@@ -310,12 +400,3 @@ def load_adapters(model: ClinicalModel, directory: Path, names: list[str] | None
         load_adapter(model, Path(directory) / name, name=name)
     model.classifier.load_state_dict(load_file(str(head)), strict=True)
     model.pooling = info["pooling"]
-
-
-def describe_notes(notes: Notes, splits: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Counts of a dataset for the report: splits, classes per split, drops; no text."""
-    return {
-        "splits": {name: int(len(idx)) for name, idx in splits.items()},
-        "classes": {name: notes.subset(idx).class_counts() for name, idx in splits.items()},
-        "counts": dict(notes.counts),
-    }

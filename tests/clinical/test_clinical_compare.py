@@ -67,13 +67,15 @@ def test_a_spec_baseline_trains_the_last_stage_with_the_adapter_as_written(tmp_p
     models = report["extra"]["models"]
     assert models[label]["steps"] == final_steps == last_step(run_dir / "baselines/train" / label / label)
     assert models["two_stage"]["steps"] == final_steps + domain_steps
-    facts = report["extra"]["baselines"][label]
+    (facts,) = models[label]["stages"]  # the engine's record of the stage as it ran
     assert {k: facts["adapter"][k] for k in SPEC} == SPEC and facts["adapter"]["dropout"] == 0.0
-    assert facts["adapted_modules"] == ["model.layers.1.mlp.down_proj"]
-    assert facts["stage"] == {"like": "task", "objective": "classification"}
+    assert facts["adapted_modules"] == ["lm.model.layers.1.mlp.down_proj"]
+    assert (facts["name"], facts["objective"], facts["steps"]) == (label, "classification", final_steps)
+    assert facts["trainable"] == [label, "classifier"] and facts["lr"] == 1e-2
     # the head (32 + 1) and r = 3 on down_proj (64 -> 32): nothing of the domain stage
     assert report["parameters"][label]["trainable"] == 33 + 3 * (64 + 32)
-    assert any(f"Compare entry '{label}' trained as the last stage ('task'" in n for n in report["notes"])
+    (note,) = [n for n in report["notes"] if n.startswith("Compare entry")]  # the engine's, once
+    assert note.startswith(f"Compare entry '{label}' is a copy of the last stage ('task', classification")
 
 
 def test_a_spec_below_the_cached_layers_stops_before_anything_trains(tmp_path, synthetic_notes):

@@ -96,6 +96,7 @@ def test_a_recipe_with_a_prefix_task_stage_and_a_ptuning_spec(tmp_path, syntheti
     assert report["parameters"]["two_stage"]["trainable"] == head + domain + prefix
     ptuning = 4 * 32 + 3 * (32 * 32 + 32)  # the prompt embedding and the 3-layer MLP encoder
     assert report["parameters"]["ptuning_num_tokens4"]["trainable"] == head + ptuning
-    assert report["extra"]["baselines"]["ptuning_num_tokens4"]["adapted_modules"] == ["model.embed_tokens"]
+    ptuning_stage = report["extra"]["models"]["ptuning_num_tokens4"]["stages"][0]
+    assert ptuning_stage["adapted_modules"] == ["lm.model.embed_tokens"]
     config = json.loads((run_dir / "adapters" / "task" / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4
