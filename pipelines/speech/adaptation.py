@@ -14,6 +14,7 @@ new voice. Every trained method goes through the core engine's ``train_candidate
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "adaptation_clips",
     "second_takes",
     "nearest_speaker",
+    "speaking_as",
     "baseline_stage",
     "adaptation_recipe",
     "adapt",
@@ -115,6 +117,14 @@ def nearest_speaker(
         for speaker, examples in candidates.items()
     }
     return max(cosines, key=cosines.get), cosines
+
+
+def speaking_as(evaluators, target: list[Example], candidates: Any) -> tuple[int, dict]:
+    """The base speaker every model speaks as: the :func:`nearest_speaker` to the target's clips among
+    ``candidates()``, or speaker 0 (cosine NaN) without evaluators."""
+    if evaluators is None:
+        return 0, {0: math.nan}
+    return nearest_speaker(evaluators, target, candidates())
 
 
 def default_adapter() -> Bottleneck:

@@ -28,6 +28,7 @@ __all__ = [
     "load_fsdd_base",
     "tiny_random_model",
     "load_backbone",
+    "loaded_train_result",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class Backbone:
     speakers: list[str]
     info: dict = field(default_factory=dict)
     train_result: Any = None  # the TrainResult when this process trained it (None: loaded)
+
+    def report_info(self) -> dict:
+        """The report's ``backbone`` entry: its provenance and training facts, without the loss history."""
+        return {k: v for k, v in self.info.items() if k != "history"}
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -236,3 +241,16 @@ def load_backbone(
         f"unknown speech backbone '{name}'; use fsdd_multispeaker or test_tiny "
         "(SpeechT5 / FastSpeech2Conformer: hf:<hub id> or a local folder, see pipelines.speech.hf_tts)"
     )
+
+
+def loaded_train_result(training: dict) -> Any:
+    """The TrainResult of a base loaded from the cache (``training``: its cached facts): nothing trained in
+    this run."""
+    from pipelines.core.training import TrainResult
+
+    return TrainResult(
+        steps=0, epochs=0.0, history=[], best_metric=None, best_step=None, metric_name="loss",
+        stopped_early=False, restored_best=False, wall_time_s=0.0, peak_memory_bytes=0,
+        samples_per_second=0.0, precision="fp32", checkpoint=None,
+        notes=[f"loaded from the cache (trained earlier: {training.get('steps')} steps)"],
+    )  # fmt: skip

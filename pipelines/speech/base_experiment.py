@@ -16,20 +16,18 @@ import numpy as np
 
 from pipelines.core.experiment import ExperimentData, StagePlan, Trained
 from pipelines.core.recipe import BackboneSection, DataSection, Recipe, StageSection
-from pipelines.core.training import TrainResult
 from pipelines.speech.audio import AUDIO, load_vocoder
-from pipelines.speech.backbones import acoustic_loss, load_backbone
+from pipelines.speech.backbones import acoustic_loss, load_backbone, loaded_train_result
 from pipelines.speech.data import FSDD_SHA256
 from pipelines.speech.model import AcousticModel
-from pipelines.speech.report import METRIC_NOTES
+from pipelines.speech.notes import base_notes
+from pipelines.speech.report import write_base_media
 from pipelines.speech.scoring import (
     SPEECH_METRICS,
     merge_syntheses,
-    plot_mels,
     synthesize_and_score,
     unscored_notes,
     unscored_summary,
-    write_samples,
 )
 
 __all__ = ["BaseExperiment", "base_recipe"]
@@ -43,16 +41,6 @@ def base_recipe(seed: int = 0) -> Recipe:
         name="base_multispeaker", pipeline="speech/base_multispeaker", seed=seed,
         backbone=BackboneSection(name="fsdd_multispeaker"), data=DataSection(dataset="fsdd"),
         stages=[StageSection(name=LABEL, objective="tts")],
-    )  # fmt: skip
-
-
-def _loaded(training: dict) -> TrainResult:
-    """The record of a base loaded from the cache: nothing trained in this run."""
-    return TrainResult(
-        steps=0, epochs=0.0, history=[], best_metric=None, best_step=None, metric_name="loss",
-        stopped_early=False, restored_best=False, wall_time_s=0.0, peak_memory_bytes=0,
-        samples_per_second=0.0, precision="fp32", checkpoint=None,
-        notes=[f"loaded from the cache (trained earlier: {training.get('steps')} steps)"],
     )  # fmt: skip
 
 
@@ -73,8 +61,7 @@ class BaseExperiment:
         self.evaluators = self.session.evaluators()
         self.vocoder = load_vocoder(self.pipe.backbone_options.vocoder)
         per_digit = self.pipe.options.data.eval_clips_per_digit
-        self.tests = [e for s in self.backbone.speakers for e in self.session.speaker_examples(s, "test")
-                      if e.utterance.index < per_digit]  # fmt: skip
+        self.tests = [e for s in self.backbone.speakers for e in self.session.test_examples(s, per_digit)]
         self.training = self.backbone.info.get("training", {})
         clips = self.training.get("train_clips") or 0
         info = {"name": "fsdd", "sha256": FSDD_SHA256, "base_speakers": self.backbone.speakers,
@@ -89,7 +76,7 @@ class BaseExperiment:
 
     def plan_stage(self, model: AcousticModel, stage: Any, index: int) -> StagePlan:
         """The base's training, done by ``load_backbone`` (now or when it was cached): recorded, not rerun."""
-        result = self.backbone.train_result or _loaded(self.training)
+        result = self.backbone.train_result or loaded_train_result(self.training)
         return StagePlan(None, acoustic_loss, full=True, trained=result)
 
     def predict(self, model: AcousticModel) -> tuple[np.ndarray, np.ndarray]:
@@ -107,28 +94,13 @@ class BaseExperiment:
         raise ValueError(f"speech/base_multispeaker compares no baselines; remove '{name}' from compare")
 
     def describe(self, models: dict[str, Trained]) -> dict[str, Any]:
-        tests, merged = self.tests, self.synthesis
-        shown = list(range(0, len(tests), max(1, len(tests) // 3)))[:3]
-        mels = {LABEL: [merged.mels[i] for i in shown]}
-        titles = [tests[i].utterance.path.stem for i in shown]
-        plot_mels(self.run_dir / "mels.png", [tests[i].mel for i in shown], mels, titles)
         samples = self.pipe.options.data.samples
-        names = write_samples(self.run_dir / "samples", LABEL, merged, tests, samples, AUDIO.sample_rate)
-        unscored = {LABEL: unscored_summary(merged, self.metrics)}
-        cached = self.backbone.info.get("cached")
-        notes = [
-            "Mel spectrograms, recording against synthesis: ![mels](mels.png)",
-            f"Synthesised WAV files in samples/: {', '.join(names)}",
-            "The base was loaded from the cache (trained earlier)." if cached
-            else "The base was trained in this run and cached.",
-            *METRIC_NOTES,
-            *unscored_notes(unscored),
-        ]  # fmt: skip
+        names = write_base_media(self.run_dir, LABEL, self.tests, self.synthesis, samples, AUDIO.sample_rate)
+        unscored = {LABEL: unscored_summary(self.synthesis, self.metrics)}
         return {
-            "backbone": {k: v for k, v in self.backbone.info.items() if k != "history"}
-            | {"vocoder": self.vocoder.source},
+            "backbone": self.backbone.report_info() | {"vocoder": self.vocoder.source},
             "adapter": {"method": "none (base training)"},
             "cost": {"base_training_s": self.training.get("wall_time_s")},
-            "notes": notes,
+            "notes": base_notes(names, self.backbone.info.get("cached")) + unscored_notes(unscored),
             "extra": {"evaluators": self.evaluators.meta, "unscored": unscored},
         }

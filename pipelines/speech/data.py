@@ -31,6 +31,7 @@ __all__ = [
     "fsdd_utterances",
     "folder_utterances",
     "transcript_digit",
+    "digit_labels",
     "split_fsdd",
     "text_to_ids",
     "uniform_durations",
@@ -149,6 +150,12 @@ def transcript_digit(text: str) -> int | None:
     """The digit a transcript says when it is one digit word or one digit ("Seven.", "7"), else None."""
     normal = normalize_text(text)
     return DIGIT_WORDS.index(normal) if normal in DIGIT_WORDS else None
+
+
+def digit_labels(utterances: list[Utterance]) -> list[int] | None:
+    """Each clip's digit, the strata of ``data.fraction``'s draw; None when some clip's digit is unknown."""
+    digits = [u.digit for u in utterances]
+    return digits if None not in digits else None
 
 
 def folder_utterances(folder: str | Path, speaker: str = "target") -> list[Utterance]:

@@ -1,53 +1,37 @@
 """The hooks of ``speech/speaker_adaptation`` on the FSDD base for the core experiment engine.
 
 The engine (:mod:`pipelines.core.experiment`) runs the recipe; this module only knows speech: the cached
-base model, the target speaker's adaptation and test clips, the nearest base speaker every model speaks
-as, the evaluators, the baselines (``lora``, ``full_finetune`` and the untrained ``nearest_speaker``),
-the clip sweep, the reference rows (``vocoded_recording``, ``second_take``), the checks, the mel plot
-and WAV samples. Training goes through :class:`~pipelines.speech.adaptation.ClipTraining`, as in lab code.
+base model, the target speaker's clips (:mod:`~pipelines.speech.targets`), the nearest base speaker every
+model speaks as, the evaluators and the baselines (``lora``, ``full_finetune`` and the untrained
+``nearest_speaker``). The report's reference rows, checks, mel plot and WAV samples come from
+:mod:`~pipelines.speech.report`, its prose from :mod:`~pipelines.speech.notes`, the clip sweep from
+:mod:`~pipelines.speech.sweep`. Training goes through :class:`~pipelines.speech.adaptation.ClipTraining`,
+as in lab code.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipelines.core.experiment import ExperimentData, Outcome, StagePlan, Trained
-from pipelines.core.peft import save_adapter
-from pipelines.speech.adaptation import (
-    ClipTraining,
-    adaptation_clips,
-    baseline_stage,
-    nearest_speaker,
-    second_takes,
-)
+from pipelines.speech.adaptation import ClipTraining, baseline_stage, speaking_as
 from pipelines.speech.audio import AUDIO
-from pipelines.speech.data import Example
+from pipelines.speech.data import digit_labels
 from pipelines.speech.model import AcousticModel, adapter_targets
+from pipelines.speech.notes import METRIC_NOTES, adaptation_notes, reference_notes
 from pipelines.speech.report import (
-    METRIC_NOTES,
-    REFERENCE_MODELS,
-    adapter_facts,
     disabled_equals_base,
     probe_mels,
-    reference_notes,
     reference_results,
-    score_second_takes,
+    reference_syntheses,
     write_media,
 )
-from pipelines.speech.saved import write_speech_facts
-from pipelines.speech.scoring import (
-    SPEECH_METRICS,
-    Synthesis,
-    synthesize_and_score,
-    unscored_notes,
-    unscored_summary,
-)
-from pipelines.speech.sweep import clip_sweep, model_syntheses
-from pipelines.speech.targets import target_clips
+from pipelines.speech.scoring import SPEECH_METRICS, Synthesis, synthesize_and_score, unscored_notes
+from pipelines.speech.sweep import stage_label, summarize_models, untrained_baseline
+from pipelines.speech.targets import second_take_clips, take_pairs, target_clips
 
 __all__ = ["SpeechExperiment"]
 
@@ -58,6 +42,8 @@ class SpeechExperiment:
     ``pipe`` is the SpeakerAdaptationPipeline (its options, FSDD session, vocoder and backbone);
     ``recipe`` the one the engine runs; ``resume`` also reaches base training and the clip sweep.
     """
+
+    primary_label = staticmethod(stage_label)
 
     def __init__(self, pipe: Any, recipe: Any, resume: bool = False) -> None:
         self.pipe, self.recipe, self.resume = pipe, recipe, resume
@@ -72,34 +58,28 @@ class SpeechExperiment:
         self.backbone = self.pipe._ensure_backbone(self.run_dir / "base", self.resume)
         held_out = self.pipe.backbone_options.held_out_speaker
         self.target = target_clips(self.session, self.data, held_out, self.backbone.speakers, self.pipe.name)
-        self.clips, self.test = self.target.candidates, self.target.test
+        self.test = self.target.test
         self.evaluators = self.session.evaluators() if self.data.evaluators else None
-        self.train = self._clips(self.data.adaptation_clips)
+        self.train = self.target.adaptation(self.data.adaptation_clips)
         self.info = self.target.info | {"splits": {"adaptation": len(self.train), "test": len(self.test)}}
-        digits = [e.utterance.digit for e in self.train]  # data.fraction draws per digit where all are known
-        labels = digits if None not in digits else None
+        labels = digit_labels([e.utterance for e in self.train])  # data.fraction draws per digit
         return ExperimentData("speech", len(self.train), labels, self.info, list(SPEECH_METRICS))
-
-    def _clips(self, count: int | str) -> list[Example]:
-        """The first ``count`` adaptation clips of the target in digit round-robin order."""
-        by_path = {e.utterance.path: e for e in self.clips}
-        return [by_path[u.path] for u in adaptation_clips([e.utterance for e in self.clips], count)]
 
     def keep_training(self, indices: list[int]) -> None:
         """The engine's ``data.fraction`` draw of the adaptation clips (all at 1.0); the nearest base
         speaker, whom every model speaks as, is chosen from these clips alone."""
         self.train = [self.train[i] for i in indices]
         self.info["splits"]["adaptation"] = len(self.train)
-        self.speaker, self.cosines = 0, {0: math.nan}
-        if self.evaluators is not None:
-            candidates = self.session.base_speaker_examples()
-            self.speaker, self.cosines = nearest_speaker(self.evaluators, self.train, candidates)
+        self.speaker, self.cosines = speaking_as(
+            self.evaluators, self.train, self.session.base_speaker_examples
+        )
         self.pipe.speaker_id = self.speaker
         self.training = ClipTraining(self.backbone.model, self.train, self.speaker, self.recipe.seed)
 
-    def _training(self, count: int | str) -> ClipTraining:
+    def sweep_training(self, count: int | str) -> ClipTraining:
         """Training on the first ``count`` adaptation clips (the clip sweep)."""
-        return ClipTraining(self.backbone.model, self._clips(count), self.speaker, self.recipe.seed)
+        clips = self.target.adaptation(count)
+        return ClipTraining(self.backbone.model, clips, self.speaker, self.recipe.seed)
 
     def new_model(self) -> AcousticModel:
         return self.training.new_model()
@@ -109,8 +89,7 @@ class SpeechExperiment:
 
     def predict(self, model: AcousticModel) -> tuple[np.ndarray, np.ndarray]:
         """Synthesise, vocode and score the test clips as the nearest speaker: (digits, score matrix)."""
-        synthesis = self._synthesize(model)
-        self.syntheses[id(model)] = synthesis
+        synthesis = self.syntheses[id(model)] = self._synthesize(model)
         return synthesis.digits, synthesis.scores
 
     def _synthesize(self, model: AcousticModel | None, vocode_reference: bool = False) -> Synthesis:
@@ -120,106 +99,50 @@ class SpeechExperiment:
         )  # fmt: skip
 
     def probe(self, model: AcousticModel):
-        """Mels of the first test clips (the engine's reload check)."""
+        """Mels of the first test clips (the engine's reload check, and the disable check)."""
         return probe_mels(model, self.test)
-
-    def primary_label(self, recipe: Any) -> str:
-        """The stage's name (``speaker``), as speech reports have always named the adapted model."""
-        return recipe.stages[-1].name
 
     # ----- baselines and report -----------------------------------------------------------------------
     def baseline(self, name: str) -> list[Any] | Outcome:
         """``lora`` and ``full_finetune`` on the stage's budget; ``nearest_speaker``: the base, untrained."""
         if name == "nearest_speaker":
-            model = self.backbone.model
-            self.untrained[name] = synthesis = self._synthesize(model)
-            total = sum(p.numel() for p in model.parameters())
-            speaks_as = {"speaks_as": self.backbone.speakers[self.speaker]}
-            return Outcome((synthesis.digits, synthesis.scores), 0, total, speaks_as)
+            model, speaks_as = self.backbone.model, {"speaks_as": self.backbone.speakers[self.speaker]}
+            return untrained_baseline(self, name, model, self._synthesize(model), speaks_as)
         options = self.pipe.stage_options
         stage = baseline_stage(name, self.recipe.stages[-1], options.lora_rank, options.finetune_lr,
                                adapter_targets())  # fmt: skip
         return [stage]
 
     def describe(self, models: dict[str, Trained]) -> dict[str, Any]:
-        syntheses = model_syntheses(self, models)
-        takes = self._second_takes()
-        references = self._references(takes)
-        syntheses.update(references)
-        unscored = {label: unscored_summary(s, self.metrics) for label, s in syntheses.items()}
-        sweep = clip_sweep(self, self.data.sweep_clips, self._training, unscored)
-        primary = models[self.primary_label(self.recipe)]
-        self.pipe.model = primary.model  # lab code may synthesise with it after run
-        facts = {"speaker_id": self.speaker, "speakers": self.backbone.speakers}  # for pipe.load_adapter
-        write_speech_facts(primary.adapters[self.recipe.stages[-1].name], facts)
-        checks = {
-            "disabled_adapter_equals_base": disabled_equals_base(
-                self.backbone.model, primary.model, self.test
-            ),
-            "reloaded_adapter_equals_trained": primary.details.get("reload_identical"),
-        }
-        if "lora" in models:  # the LoRA baseline's adapter too, beside the primary's (engine-saved)
-            save_adapter(models["lora"].model, self.run_dir / "adapters" / "lora", name="lora")
-        data = self.data
-        samples = write_media(
-            self.run_dir, self.test, syntheses, data.plot_clips, data.samples, AUDIO.sample_rate
+        data, base, speakers = self.data, self.backbone.model, self.backbone.speakers
+        takes = second_take_clips(self.session, self.target, data)
+        references = reference_syntheses(
+            data, self.test, takes, self._synthesize, self.evaluators, self.session.num_bins
         )
-        bootstrap, seed = self.recipe.evaluation.bootstrap, self.recipe.seed
+        run = summarize_models(self, models, references, {"speaker_id": self.speaker, "speakers": speakers})
+        checks = {
+            "disabled_adapter_equals_base": disabled_equals_base(base, run.primary.model, self.probe),
+            "reloaded_adapter_equals_trained": run.primary.details.get("reload_identical"),
+        }
+        rate, bootstrap, seed = AUDIO.sample_rate, self.recipe.evaluation.bootstrap, self.recipe.seed
+        samples = write_media(self.run_dir, self.test, run.syntheses, data.plot_clips, data.samples, rate)
         results = reference_results(references, self.test, self.evaluators, bootstrap, seed, self.metrics)
+        base_total, total = sum(p.numel() for p in base.parameters()), run.primary.parameters["total"]
+        notes = adaptation_notes(samples, speakers[self.speaker], self.cosines[self.speaker], base_total,
+                                 total, checks["disabled_adapter_equals_base"])  # fmt: skip
         return {
             "results": results,
-            "backbone": {k: v for k, v in self.backbone.info.items() if k != "history"}
-            | {"vocoder": self.pipe.vocoder().source},
-            "adapter": adapter_facts(self.recipe.stages[-1], primary),
-            "notes": self._notes(primary, samples, checks, takes, "recording" in results)
-            + unscored_notes(unscored),
+            "backbone": self.backbone.report_info() | {"vocoder": self.pipe.vocoder().source},
+            "adapter": run.adapter,
+            "notes": notes + reference_notes(data, takes, self.test, "recording" in results) + METRIC_NOTES
+            + unscored_notes(run.unscored),
             "extra": {
                 "checks": checks,
-                "nearest_speaker_cosines": {self.backbone.speakers[k]: v for k, v in self.cosines.items()},
-                "sweep_adaptation_clips": sweep,
+                "nearest_speaker_cosines": {speakers[k]: v for k, v in self.cosines.items()},
+                "sweep_adaptation_clips": run.sweep,
                 "reference_models": list(results),
-                "second_takes": {
-                    e.utterance.path.stem: t.utterance.path.stem
-                    for e, t in zip(self.test, takes or [], strict=False)
-                },  # fmt: skip
-                "unscored": unscored,
+                "second_takes": take_pairs(self.test, takes),
+                "unscored": run.unscored,
                 "evaluators": self.evaluators.meta if self.evaluators is not None else None,
             },
-        }
-
-    def _second_takes(self) -> list[Example] | None:
-        """Another real take of each test text, used neither for scoring nor for any adaptation here."""
-        if not self.data.second_take_reference:
-            return None
-        used = {e.utterance.path for count in [self.data.adaptation_clips, *self.data.sweep_clips]
-                for e in self._clips(count)}  # fmt: skip
-        takes = second_takes([e.utterance for e in self.test], self.target.takes_from, used)
-        return self.session.examples(takes) if takes else None
-
-    def _references(self, takes: list[Example] | None) -> dict[str, Synthesis]:
-        """The reference rows (``extra.reference_models``): the recordings vocoded, another real take."""
-        out = {}
-        if self.data.vocode_reference:
-            out["vocoded_recording"] = self._synthesize(None, vocode_reference=True)
-        if takes is not None:
-            out["second_take"] = score_second_takes(self.test, takes, self.evaluators, self.session.num_bins)
-        return {label: out[label] for label in REFERENCE_MODELS if label in out}
-
-    def _notes(self, primary: Trained, samples: list[str], checks: dict, takes, recording: bool) -> list[str]:
-        base_total = sum(p.numel() for p in self.backbone.model.parameters())
-        return [
-            "Mel spectrograms, recording against each model's synthesis (first test clips): "
-            "![mels](mels.png)",
-            "Synthesised WAV files (22,050 Hz) are in samples/: "
-            + ", ".join(samples[:6]) + (" ..." if len(samples) > 6 else ""),
-            f"Every model speaks as base speaker '{self.backbone.speakers[self.speaker]}', the nearest by "
-            f"speaker-ID cosine ({self.cosines[self.speaker]:.3f}) to the target's adaptation clips (speaker "
-            "0 without evaluators); only the adapted weights carry the new voice.",
-            f"Parameters: trainable are the weights a model trained, as a fraction of all its parameters, "
-            f"adapters included (the base alone has {base_total:,}; the adapter adds "
-            f"{primary.parameters['total'] - base_total:,}).",
-            "Disabling the adapter reproduces the base bit for bit: "
-            f"{checks['disabled_adapter_equals_base']}.",
-            *reference_notes(self.data, takes, self.test, recording),
-            *METRIC_NOTES,
-        ]  # fmt: skip
+        }  # fmt: skip

@@ -46,6 +46,10 @@ class FsddSession:
             raise ValueError(f"'{speaker}' is not an FSDD speaker; use one of {FSDD_SPEAKERS}")
         return self.examples([u for u in split_fsdd(self.utterances, split) if u.speaker == speaker])
 
+    def test_examples(self, speaker: str, per_digit: int) -> list[Example]:
+        """One speaker's test-split examples with clip indices below ``per_digit`` (the scored clips)."""
+        return [e for e in self.speaker_examples(speaker, "test") if e.utterance.index < per_digit]
+
     def base_training_examples(self) -> list[Example]:
         """Training-split examples of the base speakers."""
         speakers = set(self.settings.speakers())

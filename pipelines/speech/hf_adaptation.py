@@ -24,7 +24,14 @@ import torch
 
 from pipelines.core.evaluation import EvaluationReport
 from pipelines.core.experiment import StagePlan, train_candidate
-from pipelines.core.peft import AdapterSpec, Bottleneck, ParameterCount, adapter_specs, count_parameters
+from pipelines.core.peft import (
+    AdapterSpec,
+    Bottleneck,
+    ParameterCount,
+    adapter_specs,
+    count_parameters,
+    load_adapter,
+)
 from pipelines.core.peft.inject import logical_modules, matches
 from pipelines.core.recipe import StageSection
 from pipelines.core.training import TrainConfig, TrainResult
@@ -52,6 +59,7 @@ __all__ = [
     "hf_examples",
     "resolve_hf_adapter",
     "mirror_adapters",
+    "reloaded_equals",
     "adapt_hf",
     "score_hf",
     "add_intelligibility",
@@ -217,6 +225,14 @@ class HfClipTraining:
     def predict(self, model: HfTts) -> tuple[np.ndarray, np.ndarray]:
         """Lab code has no test split here: empty arrays."""
         return np.empty(0), np.empty(0)
+
+
+def reloaded_equals(base: HfTts, adapted: HfTts, folder: Path, input_ids: torch.Tensor) -> bool:
+    """Whether the adapter file in ``folder``, loaded into the transformers model of a copy of ``base``,
+    gives ``adapted``'s mel of ``input_ids`` bit for bit (seed 0)."""
+    reloaded = base.copy()
+    load_adapter(reloaded.model, folder)
+    return bool(torch.equal(reloaded.synthesize_mel(input_ids), adapted.synthesize_mel(input_ids)))
 
 
 def adapt_hf(

@@ -1,8 +1,9 @@
 """The hooks of ``speech/speaker_adaptation`` on a transformers TTS backbone for the core experiment engine.
 
-SpeechT5 or FastSpeech2Conformer: the target's clips (an FSDD speaker or the user's folders), featurised
-for the model, the baselines (``lora``, ``full_finetune`` and the untrained ``base``), the clip sweep,
-the checks and WAV samples. Training goes through :class:`~pipelines.speech.hf_adaptation.HfClipTraining`,
+SpeechT5 or FastSpeech2Conformer: the target's clips (:func:`~pipelines.speech.targets.target_utterances`:
+an FSDD speaker or the user's folders), featurised for the model, and the baselines (``lora``,
+``full_finetune`` and the untrained ``base``); the clip sweep, checks, WAV samples and notes come from
+the modules that own them. Training goes through :class:`~pipelines.speech.hf_adaptation.HfClipTraining`,
 as in lab code. Adapters live in the transformers model inside the HfTts wrapper: the engine saves them
 as paths of the wrapper (``model.<name>``), so :meth:`HfExperiment.describe` rewrites the file from the
 transformers model (its own module names and ``_name_or_path``, as lab code's ``save_adapter`` writes)
@@ -18,39 +19,17 @@ import numpy as np
 import torch
 
 from pipelines.core.experiment import ExperimentData, Outcome, StagePlan, Trained
-from pipelines.core.peft import disable_adapters, load_adapter, save_adapter
 from pipelines.speech.adaptation import adaptation_clips, baseline_stage
-from pipelines.speech.data import FSDD_SHA256, Utterance, folder_utterances, fsdd_utterances, split_fsdd
-from pipelines.speech.hf_adaptation import HF_METRICS, HfClipTraining, hf_examples, score_hf
+from pipelines.speech.data import digit_labels
+from pipelines.speech.hf_adaptation import HF_METRICS, HfClipTraining, hf_examples, reloaded_equals, score_hf
 from pipelines.speech.hf_tts import HfTts, hf_adapter_targets
-from pipelines.speech.report import adapter_facts
-from pipelines.speech.saved import write_speech_facts
-from pipelines.speech.scoring import (
-    Synthesis,
-    unscored_notes,
-    unscored_summary,
-    write_samples,
-)
-from pipelines.speech.sweep import clip_sweep, model_syntheses
+from pipelines.speech.notes import hf_notes
+from pipelines.speech.report import disabled_equals_base, write_media
+from pipelines.speech.scoring import Synthesis, unscored_notes
+from pipelines.speech.sweep import stage_label, summarize_models, untrained_baseline
+from pipelines.speech.targets import target_utterances
 
-__all__ = ["HfExperiment", "HF_NOTES"]
-
-HF_NOTES = [
-    "mcd: mel-cepstral distortion in dB as TTS papers compute it: the synthesis is resampled to the "
-    "recording's own rate (8 kHz for FSDD), both go through WORLD (harvest F0, CheapTrick envelope, 5 ms "
-    "frames) and pysptk.sp2mc (order 24, all-pass constant of that rate); c1-c24, DTW-aligned, "
-    "10/ln10*sqrt(2*sum(dc^2)) averaged over the aligned frames.",
-    "log_f0_rmse (cents), gpe, vde, f0_coverage: WORLD harvest F0 of both waveforms on the MCD's frames "
-    "and DTW path; log-F0 RMSE and GPE (F0 off by more than 20%) over the frames voiced in both, VDE the "
-    "share of aligned frames whose voicing differs, f0_coverage the share voiced in both.",
-    "log_mel_cepstral_distance: dB, RMS over the model's mel bins below half the recording's rate of the "
-    "level-free log-mel difference kept to c1-c24 of the orthonormal DCT; a second view, not the MCD.",
-]
-DURATION_NOTE = (
-    "FastSpeech2Conformer durations: transformers has no aligner, so each clip's voiced span is split evenly "
-    "over its phones (leading silence to the first phone, trailing silence to <sos/eos>); token pitch and "
-    "energy are standardised over the adaptation clips (ESPnet's global statistics are not published)."
-)
+__all__ = ["HfExperiment"]
 
 
 class HfExperiment:
@@ -58,6 +37,8 @@ class HfExperiment:
 
     ``pipe`` is the HfSpeakerAdaptationPipeline (backbone, options); ``recipe`` the one the engine runs.
     """
+
+    primary_label = staticmethod(stage_label)
 
     def __init__(self, pipe: Any, recipe: Any, resume: bool = False) -> None:
         self.pipe, self.recipe, self.resume = pipe, recipe, resume
@@ -69,29 +50,12 @@ class HfExperiment:
     # ----- data and models ----------------------------------------------------------------------------
     def load_data(self, run_dir: Path) -> ExperimentData:
         self.run_dir, self.base = Path(run_dir), self.pipe.backbone()
-        self.utterances, self.test_utterances, self.info = self._utterances()
-        digits = [u.digit for u in self.utterances]  # data.fraction draws per digit where digits are known
-        labels = digits if None not in digits else None
-        return ExperimentData("speech", len(digits), labels, self.info, list(HF_METRICS))
-
-    def _utterances(self) -> tuple[list[Utterance], list[Utterance], dict]:
-        """Adaptation and test clips: the user's folders, else an FSDD speaker's official splits."""
-        data = self.data
-        if data.speaker_folder is not None:
-            if data.test_folder is None:
-                raise ValueError(
-                    "data.options.speaker_folder needs data.options.test_folder (held-out clips to score)"
-                )
-            train = folder_utterances(data.speaker_folder, self.pipe.name)
-            if data.adaptation_clips != "all":
-                train = adaptation_clips(train, data.adaptation_clips)
-            test = folder_utterances(data.test_folder, self.pipe.name)
-            return train, test, {"name": str(data.speaker_folder), "test_folder": str(data.test_folder)}
-        target = data.target_speaker or self.pipe.backbone_options.held_out_speaker
-        clips = [u for u in fsdd_utterances() if u.speaker == target]
-        train = adaptation_clips(split_fsdd(clips, "train"), data.adaptation_clips)
-        test = [u for u in split_fsdd(clips, "test") if u.index < data.eval_clips_per_digit]
-        return train, test, {"name": "fsdd", "sha256": FSDD_SHA256, "target_speaker": target}
+        held_out = self.pipe.backbone_options.held_out_speaker
+        self.utterances, self.test_utterances, self.info = target_utterances(
+            self.data, self.pipe.name, held_out
+        )
+        labels = digit_labels(self.utterances)  # data.fraction draws per digit where digits are known
+        return ExperimentData("speech", len(self.utterances), labels, self.info, list(HF_METRICS))
 
     def keep_training(self, indices: list[int]) -> None:
         """The engine's ``data.fraction`` draw of the adaptation clips (all at 1.0), featurised; the
@@ -104,7 +68,7 @@ class HfExperiment:
         self.info["splits"] = {"adaptation": len(self.train), "test": len(self.test)}
         self.training = HfClipTraining(self.base, self.train, self.recipe.seed)
 
-    def _training(self, count: int | str) -> HfClipTraining:
+    def sweep_training(self, count: int | str) -> HfClipTraining:
         """Training on the first ``count`` adaptation clips (the clip sweep)."""
         subset = hf_examples(self.base, adaptation_clips(self.utterances, count))
         return HfClipTraining(self.base, subset, self.recipe.seed)
@@ -127,70 +91,33 @@ class HfExperiment:
         """The mel of the first test clip (the engine's reload check)."""
         return model.synthesize_mel(self.test[0].input_ids, self.recipe.seed)
 
-    def primary_label(self, recipe: Any) -> str:
-        """The stage's name (``speaker``), as speech reports have always named the adapted model."""
-        return recipe.stages[-1].name
-
     # ----- baselines and report -----------------------------------------------------------------------
     def baseline(self, name: str) -> list[Any] | Outcome:
         """``lora`` (the stage's targets) and ``full_finetune`` on the stage's budget; ``base`` untrained."""
         if name == "base":
-            self.untrained[name] = synthesis = score_hf(self.base, self.test, self.recipe.seed)
-            total = sum(p.numel() for p in self.base.parameters())
-            return Outcome((synthesis.digits, synthesis.scores), 0, total)
+            return untrained_baseline(self, name, self.base, score_hf(self.base, self.test, self.recipe.seed))
         stage, options = self.recipe.stages[-1], self.pipe.stage_options
         targets = list(stage.adapter.targets) or hf_adapter_targets(self.base.family)
         return [baseline_stage(name, stage, options.lora_rank, options.finetune_lr, targets)]
 
     def describe(self, models: dict[str, Trained]) -> dict[str, Any]:
-        syntheses = model_syntheses(self, models)
-        unscored = {label: unscored_summary(s, self.metrics) for label, s in syntheses.items()}
-        sweep = clip_sweep(self, self.data.sweep_clips, self._training, unscored)
-        stage = self.recipe.stages[-1]
-        primary = models[self.primary_label(self.recipe)]
-        self.pipe.model = primary.model  # lab code may synthesise with it after run
-        folder = primary.adapters[stage.name]
-        save_adapter(primary.model.model, folder, name=stage.name)  # the transformers model's own paths
-        write_speech_facts(folder, {"statistics": self.statistics})  # for pipe.load_adapter
-        if "lora" in models:  # the LoRA baseline's adapter too, beside the primary's
-            save_adapter(models["lora"].model.model, self.run_dir / "adapters" / "lora", name="lora")
-        checks = self._checks(primary.model, folder)
-        rate, count = self.base.features.sample_rate, self.data.samples
-        samples = []
-        for label, synthesis in syntheses.items():
-            samples += write_samples(self.run_dir / "samples", label, synthesis, self.test, count, rate)
+        """The shared describe steps, the adapter file rewritten from the transformers model; both checks
+        on the first test clip's mel (seed 0); the WAV samples."""
+        run = summarize_models(
+            self, models, {}, {"statistics": self.statistics}, unwrap=lambda tts: tts.model
+        )
+        ids, rate = self.test[0].input_ids, self.base.features.sample_rate
+        checks = {
+            "disabled_adapter_equals_base": disabled_equals_base(
+                self.base, run.primary.model, lambda tts: tts.synthesize_mel(ids)
+            ),
+            "reloaded_adapter_equals_trained": reloaded_equals(self.base, run.primary.model, run.folder, ids),
+        }
+        samples = write_media(self.run_dir, self.test, run.syntheses, 0, self.data.samples, rate)
         return {
             "backbone": dict(self.base.info) | {"family": self.base.family, "sample_rate": rate},
-            "adapter": adapter_facts(self.recipe.stages[-1], primary),
-            "notes": self._notes(samples, checks) + unscored_notes(unscored),
-            "extra": {"checks": checks, "sweep_adaptation_clips": sweep, "unscored": unscored,
+            "adapter": run.adapter,
+            "notes": hf_notes(samples, rate, checks, self.base.family) + unscored_notes(run.unscored),
+            "extra": {"checks": checks, "sweep_adaptation_clips": run.sweep, "unscored": run.unscored,
                       "variance_statistics": self.statistics},
         }  # fmt: skip
-
-    def _checks(self, adapted: HfTts, folder: Path) -> dict[str, bool]:
-        """Disabling the adapter gives the base bit for bit; the file left in ``folder`` reloads into the
-        transformers model to identical mels."""
-        ids = self.test[0].input_ids
-        with disable_adapters(adapted.model):
-            disabled = adapted.synthesize_mel(ids)
-        reloaded = self.base.copy()
-        load_adapter(reloaded.model, folder)
-        return {
-            "disabled_adapter_equals_base": bool(torch.equal(disabled, self.base.synthesize_mel(ids))),
-            "reloaded_adapter_equals_trained": bool(
-                torch.equal(reloaded.synthesize_mel(ids), adapted.synthesize_mel(ids))
-            ),
-        }
-
-    def _notes(self, samples: list[str], checks: dict[str, bool]) -> list[str]:
-        notes = [
-            f"Synthesised WAV files ({self.base.features.sample_rate} Hz) are in samples/: "
-            + ", ".join(samples[:6]),
-            "Disabling the adapter reproduces the base bit for bit: "
-            f"{checks['disabled_adapter_equals_base']}; the saved adapter reloads to identical mels: "
-            f"{checks['reloaded_adapter_equals_trained']}.",
-            "Parameters: trainable are the weights a model trained, as a fraction of all its parameters, "
-            "adapters included.",
-            *HF_NOTES,
-        ]
-        return notes + ([DURATION_NOTE] if self.base.family == "fastspeech2_conformer" else [])

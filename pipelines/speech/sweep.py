@@ -1,18 +1,38 @@
-"""The clip sweep of a speaker-adaptation report, and what both speech hooks classes keep of their models.
+"""The clip sweep of a speaker-adaptation report, and the describe steps both adaptation hooks share.
 
 ``data.options.sweep_clips``: the stage's adapter alone is retrained from each number of adaptation clips
 and scored on the same test clips (``extra.sweep_adaptation_clips``); the other models are not retrained.
+Both hooks classes keep each model's test synthesis (``syntheses``: by ``id(model)``; ``untrained``: by
+label) and hand themselves to :func:`summarize_models`, which also saves what lab code reloads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pipelines.core.experiment import Trained, train_candidate
+from pipelines.core.experiment import Outcome, Trained, train_candidate
+from pipelines.core.peft import save_adapter
+from pipelines.speech.report import adapter_facts
+from pipelines.speech.saved import write_speech_facts
 from pipelines.speech.scoring import Synthesis, evaluate_scores, unscored_summary
 
-__all__ = ["clip_sweep", "model_syntheses"]
+__all__ = ["Summary", "stage_label", "untrained_baseline", "clip_sweep", "summarize_models"]
+
+
+def stage_label(recipe: Any) -> str:
+    """The stage's name (``speaker``), as speech reports have always named the adapted model."""
+    return recipe.stages[-1].name
+
+
+def untrained_baseline(hooks: Any, name: str, model: Any, synthesis: Synthesis, details=None) -> Outcome:
+    """The base model as it is, a baseline nothing trains; its test ``synthesis`` is kept in
+    ``hooks.untrained``."""
+    hooks.untrained[name] = synthesis
+    total = sum(p.numel() for p in model.parameters())
+    return Outcome((synthesis.digits, synthesis.scores), 0, total, dict(details or {}))
 
 
 def clip_sweep(hooks: Any, counts: list, training_for: Callable[[Any], Any], unscored: dict) -> dict:
@@ -35,10 +55,40 @@ def clip_sweep(hooks: Any, counts: list, training_for: Callable[[Any], Any], uns
     return results
 
 
-def model_syntheses(hooks: Any, models: dict[str, Trained]) -> dict[str, Synthesis]:
-    """Each model's test synthesis: a trained one's from ``hooks.syntheses``, an untrained baseline's from
-    ``hooks.untrained``."""
-    return {
-        label: hooks.untrained[label] if m.model is None else hooks.syntheses[id(m.model)]
-        for label, m in models.items()
-    }
+@dataclass
+class Summary:
+    """What both adaptation reports state of their models: each one's test synthesis (then the reference
+    rows'), the unscored counts, the clip sweep, the primary model, its adapter folder and facts."""
+
+    syntheses: dict[str, Synthesis]
+    unscored: dict[str, dict]
+    sweep: dict[str, dict]
+    primary: Trained
+    folder: Path
+    adapter: dict[str, Any]
+
+
+def summarize_models(
+    hooks: Any, models: dict[str, Trained], references: dict[str, Synthesis], facts: dict, unwrap=None
+) -> Summary:
+    """The shared describe steps of ``hooks`` (a speech adaptation hooks object): unscored counts of every
+    model and reference row, the clip sweep (``hooks.sweep_training``), ``hooks.pipe.model`` set to the
+    primary model, ``facts`` written beside its adapter (for ``pipe.load_adapter``) and the LoRA baseline's
+    adapter saved beside it. ``unwrap`` gives the module whose adapters a file holds (a transformers TTS
+    wrapper's model): the primary's adapter, which the engine saved as paths of the wrapper, is rewritten
+    from it first."""
+    kept = {label: hooks.untrained[label] if m.model is None else hooks.syntheses[id(m.model)]
+            for label, m in models.items()}  # fmt: skip
+    syntheses = kept | references
+    unscored = {label: unscored_summary(s, hooks.metrics) for label, s in syntheses.items()}
+    sweep = clip_sweep(hooks, hooks.data.sweep_clips, hooks.sweep_training, unscored)
+    label = stage_label(hooks.recipe)
+    primary = models[label]
+    hooks.pipe.model = primary.model  # lab code may synthesise with it after run
+    folder, inner = primary.adapters[label], unwrap or (lambda model: model)
+    if unwrap is not None:  # the inner model's own module paths, as lab code's save_adapter writes
+        save_adapter(unwrap(primary.model), folder, name=label)
+    write_speech_facts(folder, facts)
+    if "lora" in models:  # the engine saves the primary's adapter only
+        save_adapter(inner(models["lora"].model), hooks.run_dir / "adapters" / "lora", name="lora")
+    return Summary(syntheses, unscored, sweep, primary, folder, adapter_facts(folder, primary))

@@ -222,8 +222,8 @@ def test_transformers_syntheses_are_scored_for_intelligibility_in_the_evaluators
 
 def test_reference_notes_name_the_recording_row_and_folder_takes():
     from pipelines.speech.data import Example
+    from pipelines.speech.notes import reference_notes
     from pipelines.speech.options import AdaptationDataOptions
-    from pipelines.speech.report import reference_notes
 
     def example(name: str, index=None) -> Example:
         utterance = Utterance(Path(name), "one", "me", 1, index)
