@@ -80,16 +80,19 @@ def test_recipe_with_masked_lm_stage_then_task_stage(tmp_path):
          "train": {"epochs": 3, "batch_size": 8, "lr": 1e-2},
          "options": {"last_n_layers": 1, "pooling": "bos"}},
     ]  # fmt: skip
+    spec = {"method": "lora", "r": 2, "targets": ["k"]}  # a copy of the last stage: its last_n_layers
     recipe = _recipe(
-        tmp_path, {"path": str(tmp_path / "toy.csv")}, stages, compare=["one_hot", "linear_probe"]
+        tmp_path, {"path": str(tmp_path / "toy.csv")}, stages, compare=["one_hot", "linear_probe", spec]
     )
     assert check_pipeline(recipe) == []
     run_dir = run_recipe(recipe)
     report = json.loads((run_dir / "report.json").read_text())
     assert (
-        set(report["results"]) == {"one_hot", "linear_probe", "lora"}
+        set(report["results"]) == {"one_hot", "linear_probe", "lora", "lora_r2"}
         and report["headline"]["model"] == "lora"
     )
+    (copied,) = report["extra"]["models"]["lora_r2"]["stages"]
+    assert copied["adapted_modules"] == ["backbone.model.layers.1.self_attn.k_proj"]
     assert report["backbone"]["weights"] == "random initialisation"
     assert any("NOT pretrained" in note for note in report["notes"])
     assert report["dataset"]["sizes"] == {"train": 41, "valid": 4, "test": 15}  # 10% of 45 held out

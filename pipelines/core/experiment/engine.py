@@ -59,8 +59,9 @@ def run_experiment(hooks: ExperimentHooks, recipe: Any, run_dir: Path, resume: b
         if label == primary:
             continue
         plan = compare_stages(recipe, entry) if not isinstance(entry, str) else hooks.baseline(entry)
+        first = len(recipe.stages) - 1 if not isinstance(entry, str) else 0  # a spec copies the last stage
         models[label] = _outcome(label, plan) if isinstance(plan, Outcome) else train_candidate(
-            hooks, plan, label, run_dir / "baselines", resume, recipe.seed, False
+            hooks, plan, label, run_dir / "baselines", resume, recipe.seed, False, first
         )  # fmt: skip
         laps.lap(label, model=True)
     metrics = list(recipe.evaluation.metrics or data.metrics) or None
@@ -118,7 +119,8 @@ def recipe_notes(recipe: Any, primary: str, data: ExperimentData) -> list[str]:
             asked += f", data.shots_per_class={low['shots_per_class']}"
         how = "per class" if data.train_labels is not None else "at random"
         notes.append(f"Low-data run: {low['train_used']} of {low['train_full']} training examples drawn "
-                     f"{how} ({asked}, seed {recipe.seed}); every model trains on these.")  # fmt: skip
+                     f"{how} ({asked}, seed {recipe.seed}); every model trains on these or on the domain's "
+                     "cap of them.")  # fmt: skip
     for entry in recipe.compare:
         label = compare_label(entry)
         if label == primary:
@@ -140,9 +142,13 @@ def compare_stages(recipe: Any, entry: Any) -> list[Any]:
 
 
 def train_candidate(
-    hooks: ExperimentHooks, stages: list[Any], label: str, root: Path, resume: bool, seed: int, save: bool
-) -> Trained:
+    hooks: ExperimentHooks, stages: list[Any], label: str, root: Path, resume: bool, seed: int, save: bool,
+    first: int = 0,
+) -> Trained:  # fmt: skip
     """Train ``stages`` in order on a new model; save and reload-check the adapters when ``save``.
+
+    ``plan_stage`` gets each stage's index in the recipe: ``first`` is the first one's (a compare spec is a
+    copy of the last recipe stage, so its options are that stage's).
 
     The optional hook ``evaluate_options(model)`` returns this model's keyword arguments of ``evaluate``
     (a binary threshold chosen on validation: ``{"threshold": t}``).
@@ -151,7 +157,7 @@ def train_candidate(
     trained_names: set[str] = set()
     results, plans, stage_facts = [], [], []
     for index, stage in enumerate(stages):
-        plan = hooks.plan_stage(model, stage, index)
+        plan = hooks.plan_stage(model, stage, first + index)
         plans.append(plan)
         _prepare(model, stage, plan)
         trained_names |= {name for name, p in model.named_parameters() if p.requires_grad}

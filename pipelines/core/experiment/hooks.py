@@ -97,7 +97,14 @@ class Trained:
 
 
 class ExperimentHooks(Protocol):
-    """The domain's side of an experiment (see :func:`pipelines.core.experiment.run_experiment`)."""
+    """The domain's side of an experiment (see :func:`pipelines.core.experiment.run_experiment`).
+
+    Optional hooks, used when the object has them (a Protocol cannot mark a method optional):
+    ``primary_label(recipe) -> str`` (the primary model's label; default: its stages' adapter methods),
+    ``after_stage(model, stage, result)`` (after each stage trained: tag history, measure), ``probe(model)
+    -> Tensor`` (outputs compared after the saved adapters reload; no check without it) and
+    ``evaluate_options(model) -> dict`` (this model's keyword arguments of ``evaluate``, e.g. a threshold).
+    """
 
     def load_data(self, run_dir: Path) -> ExperimentData:
         """Read the dataset and cut its splits (written to the run folder where the domain does)."""
@@ -113,7 +120,8 @@ class ExperimentHooks(Protocol):
         ...
 
     def plan_stage(self, model: nn.Module, stage: Any, index: int) -> StagePlan:
-        """Data, loss and resolved adapter of one recipe stage (or of a baseline's stage)."""
+        """Data, loss and resolved adapter of one stage; ``index`` is its recipe stage's (a compare spec's
+        is the last stage's, a named baseline's stages count from 0)."""
         ...
 
     def predict(self, model: nn.Module) -> tuple[Any, Any]:
@@ -125,5 +133,6 @@ class ExperimentHooks(Protocol):
         ...
 
     def describe(self, models: dict[str, Trained]) -> dict[str, Any]:
-        """The report's domain facts: ``backbone``, ``adapter``, ``notes``, ``extra``, extra ``results``."""
+        """The report's domain facts: ``backbone``, ``adapter``, ``notes``, ``extra``, extra ``results``;
+        ``models`` has the primary model first."""
         ...

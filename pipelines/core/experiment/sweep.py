@@ -19,7 +19,7 @@ from pipelines.core.experiment import run_experiment
 
 __all__ = ["run_sweep", "percent"]
 
-LABELLED_EXTRA = ("models", "baselines")  # extra entries keyed by model label
+LABELLED_EXTRA = ("models",)  # extra entries keyed by model label
 
 
 def percent(fraction: float) -> str:
@@ -97,6 +97,7 @@ def _merged_info(runs: dict[float, RunResult], top: float, wall_time_s: float) -
         peak_memory_bytes=max(r.info["cost"]["peak_memory_bytes"] for r in runs.values()),
         train_time_s={f"{label}@{percent(f)}": seconds for f, r in runs.items()
                       for label, seconds in r.info["cost"]["train_time_s"].items()},
+        phases={percent(f): r.info["cost"]["phases"] for f, r in runs.items()},
     )  # fmt: skip
     return {**info, "dataset": dataset, "cost": cost, "notes": _merged_notes(runs), "extra": extra}
 
