@@ -154,7 +154,29 @@ def plain_steps(case: Case, row: str, device: torch.device, steps: int, warmup: 
             _sync(device)
             if index >= warmup:
                 times.append((time.perf_counter() - start) * 1000)
-    return _row(case, row, times, device, sum(p.numel() for p in trainable), policy, paths, warmup + steps)
+    sample = _row(case, row, times, device, sum(p.numel() for p in trainable), policy, paths, warmup + steps)
+    return sample | {"saved_bytes": saved_bytes(case, model, batch, amp)}
+
+
+def saved_bytes(case: Case, model: torch.nn.Module, batch: Any, amp: bool) -> int:
+    """Bytes autograd keeps for backward in one forward, each storage once, the parameters not counted:
+    the activation memory of a step, the same on every machine."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    device = next(model.parameters()).device
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            loss = case.loss_fn(model, batch)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values())
 
 
 def pipeline_steps(
@@ -285,8 +307,8 @@ def measure_isolated(config: str, domains: list[str], rows: list[str], steps: in
 def table(rows: list[dict]) -> str:
     """A markdown table; ratios against the same domain's frozen floor."""
     lines = [
-        "| domain | configuration | step | peak memory | time / floor | throughput |",
-        "|---|---|---|---|---|---|",
+        "| domain | configuration | step | peak memory | time / floor | saved for backward | throughput |",
+        "|---|---|---|---|---|---|---|",
     ]
     floors = {r["domain"]: r for r in rows if r["row"] == "floor"}
     names = {
@@ -307,7 +329,14 @@ def table(rows: list[dict]) -> str:
             else f"{row['samples_per_s']:,.1f} samples/s"
         )
         step = f"{row['step_ms']:.1f} ms{spread}"
-        lines.append(f"| {row['domain']} | {names[row['row']]} | {step} | {peak} | {ratio} | {rate} |")
+        saved = "-"
+        if "saved_bytes" in row:
+            saved = f"{row['saved_bytes'] / 2**20:.2f} MiB"
+            if floor and floor.get("saved_bytes"):
+                saved += f" ({row['saved_bytes'] / floor['saved_bytes']:.2f})"
+        lines.append(
+            f"| {row['domain']} | {names[row['row']]} | {step} | {peak} | {ratio} | {saved} | {rate} |"
+        )
     return "\n".join(lines)
 
 

@@ -64,3 +64,11 @@ def test_every_pipeline_step_takes_the_fused_lora_path_under_its_precision_polic
     expected = "bfloat16" if precision == "bf16" else "float32"
     assert policy["compute_dtype"] == policy["frozen_dtype"] == expected
     assert (policy["cast_parameters"] > 0) == (precision == "bf16")
+
+
+def test_our_clinical_task_step_keeps_less_for_backward_than_hf_peft():
+    """Two stacked LoRAs, the task one with dropout: HF peft keeps each dropout's float output, the fused
+    Function a boolean mask (the counts are bytes, the same on every machine)."""
+    rows = pipeline_step.measure("cpu", "clinical", ["floor", "hf_peft", "ours"], torch.device("cpu"), 1, 1)
+    saved = {row["row"]: row["saved_bytes"] for row in rows}
+    assert saved["floor"] < saved["ours"] < saved["hf_peft"]
