@@ -15,6 +15,7 @@ from pipelines.speech.backbones import BaseSettings
 from pipelines.speech.data import (
     VOCAB,
     collate_examples,
+    digit_labels,
     folder_utterances,
     fsdd_utterances,
     load_example,
@@ -24,7 +25,7 @@ from pipelines.speech.data import (
 )
 from pipelines.speech.fsdd import FsddSession
 from pipelines.speech.options import AdaptationDataOptions
-from pipelines.speech.targets import target_clips
+from pipelines.speech.targets import target_clips, target_utterances
 
 MIRROR = Path(os.environ.get("PEFT_PIPELINES_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
@@ -139,3 +140,17 @@ def test_target_clips_refuse_a_folder_without_held_out_clips(tmp_path):
         target_clips(session, AdaptationDataOptions(test_folder=str(train)), "yweweler", [], "me")
     with pytest.raises(ValueError, match="target_speaker 'george' is one of the base speakers"):
         target_clips(session, AdaptationDataOptions(target_speaker="george"), "yweweler", ["george"], "me")
+
+
+def test_target_utterances_of_a_users_folders_for_a_transformers_backbone(tmp_path):
+    """The first clips in digit round-robin order (a clip without a digit sorts as digit 0), the test
+    folder whole; no per-digit draw when a clip has no digit; a folder without held-out clips refused."""
+    train, test = _user_folders(tmp_path)
+    data = AdaptationDataOptions(speaker_folder=str(train), test_folder=str(test), adaptation_clips=1)
+    adaptation, scored, info = target_utterances(data, "me", "yweweler")
+    assert [u.path.name for u in adaptation] == ["b.wav"] and [u.path.name for u in scored] == ["c.wav"]
+    assert info == {"name": str(train), "test_folder": str(test)}
+    everything = target_utterances(data.model_copy(update={"adaptation_clips": "all"}), "me", "yweweler")[0]
+    assert digit_labels(everything) is None and digit_labels(scored) == [2]
+    with pytest.raises(ValueError, match="speaker_folder needs data.options.test_folder"):
+        target_utterances(AdaptationDataOptions(speaker_folder=str(train)), "me", "yweweler")

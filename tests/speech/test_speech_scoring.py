@@ -237,3 +237,32 @@ def test_reference_notes_name_the_recording_row_and_folder_takes():
     fsdd = reference_notes(data, [example("1_me_1.wav", 1)], [example("1_me_0.wav", 0)])
     assert "recording scores" not in fsdd[0]
     assert fsdd[1].startswith("second_take uses the takes with FSDD indices [1] (test split")
+
+
+def test_disabled_equals_base_compares_the_probe_with_the_adapters_off():
+    """True for an adapter that changes the output; False once a base weight of the copy differs."""
+    import copy
+
+    from pipelines.core.peft import Bottleneck, add_adapter
+    from pipelines.speech.backbones import tiny_random_model
+    from pipelines.speech.model import adapter_targets
+    from pipelines.speech.report import disabled_equals_base
+
+    base = tiny_random_model(2)
+    adapted = copy.deepcopy(base)
+    add_adapter(adapted, Bottleneck(targets=adapter_targets(), hidden=2), name="voice")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if ".adapters.voice." in name:
+                parameter.normal_()
+    tokens = torch.tensor([1, 18, 17, 8, 1])
+
+    def probe(model):
+        return model.eval().synthesize(tokens, 1)
+
+    assert disabled_equals_base(base, adapted, probe)
+    assert not torch.equal(probe(adapted), probe(base))  # the adapter is on outside the check
+    with torch.no_grad():
+        adapted.speaker_embedding.weight.add_(1.0)
+    assert not disabled_equals_base(base, adapted, probe)
