@@ -30,7 +30,6 @@ from pipelines.core.peft import (
     ParameterCount,
     adapter_specs,
     count_parameters,
-    load_adapter,
 )
 from pipelines.core.peft.inject import logical_modules, matches
 from pipelines.core.recipe import StageSection
@@ -59,7 +58,6 @@ __all__ = [
     "hf_examples",
     "resolve_hf_adapter",
     "mirror_adapters",
-    "reloaded_equals",
     "adapt_hf",
     "score_hf",
     "add_intelligibility",
@@ -225,14 +223,6 @@ class HfClipTraining:
     def predict(self, model: HfTts) -> tuple[np.ndarray, np.ndarray]:
         """Lab code has no test split here: empty arrays."""
         return np.empty(0), np.empty(0)
-
-
-def reloaded_equals(base: HfTts, adapted: HfTts, folder: Path, input_ids: torch.Tensor) -> bool:
-    """Whether the adapter file in ``folder``, loaded into the transformers model of a copy of ``base``,
-    gives ``adapted``'s mel of ``input_ids`` bit for bit (seed 0)."""
-    reloaded = base.copy()
-    load_adapter(reloaded.model, folder)
-    return bool(torch.equal(reloaded.synthesize_mel(input_ids), adapted.synthesize_mel(input_ids)))
 
 
 def adapt_hf(

@@ -3,7 +3,7 @@
 ``data.options.sweep_clips``: the stage's adapter alone is retrained from each number of adaptation clips
 and scored on the same test clips (``extra.sweep_adaptation_clips``); the other models are not retrained.
 Both hooks classes keep each model's test synthesis (``syntheses``: by ``id(model)``; ``untrained``: by
-label) and hand themselves to :func:`summarize_models`, which also saves what lab code reloads.
+label) and hand themselves to :func:`summarize_models`, which also writes what lab code reloads.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core.experiment import Outcome, Trained, train_candidate
-from pipelines.core.peft import save_adapter
 from pipelines.speech.report import adapter_facts
 from pipelines.speech.saved import write_speech_facts
 from pipelines.speech.scoring import Synthesis, evaluate_scores, unscored_summary
@@ -69,14 +68,11 @@ class Summary:
 
 
 def summarize_models(
-    hooks: Any, models: dict[str, Trained], references: dict[str, Synthesis], facts: dict, unwrap=None
+    hooks: Any, models: dict[str, Trained], references: dict[str, Synthesis], facts: dict
 ) -> Summary:
     """The shared describe steps of ``hooks`` (a speech adaptation hooks object): unscored counts of every
     model and reference row, the clip sweep (``hooks.sweep_training``), ``hooks.pipe.model`` set to the
-    primary model, ``facts`` written beside its adapter (for ``pipe.load_adapter``) and the LoRA baseline's
-    adapter saved beside it. ``unwrap`` gives the module whose adapters a file holds (a transformers TTS
-    wrapper's model): the primary's adapter, which the engine saved as paths of the wrapper, is rewritten
-    from it first."""
+    primary model and ``facts`` written beside its adapter (for ``pipe.load_adapter``)."""
     kept = {label: hooks.untrained[label] if m.model is None else hooks.syntheses[id(m.model)]
             for label, m in models.items()}  # fmt: skip
     syntheses = kept | references
@@ -85,10 +81,6 @@ def summarize_models(
     label = stage_label(hooks.recipe)
     primary = models[label]
     hooks.pipe.model = primary.model  # lab code may synthesise with it after run
-    folder, inner = primary.adapters[label], unwrap or (lambda model: model)
-    if unwrap is not None:  # the inner model's own module paths, as lab code's save_adapter writes
-        save_adapter(unwrap(primary.model), folder, name=label)
+    folder = primary.adapters[label]
     write_speech_facts(folder, facts)
-    if "lora" in models:  # the engine saves the primary's adapter only
-        save_adapter(inner(models["lora"].model), hooks.run_dir / "adapters" / "lora", name="lora")
     return Summary(syntheses, unscored, sweep, primary, folder, adapter_facts(folder, primary))

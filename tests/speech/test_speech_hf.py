@@ -190,7 +190,7 @@ def test_recipe_path_runs_on_a_tiny_fastspeech2_with_fsdd(tmp_path, monkeypatch)
     assert result.info["extra"]["models"]["lora_r2"]["steps"] == 3
     assert result.parameters["lora_r2"]["trainable"] < result.parameters["lora"]["trainable"]
     # the run's adapter files name the transformers model's own modules (as lab code's save_adapter)
-    for name in ("speaker", "lora"):
+    for folder in (tmp_path / "adapters" / "speaker", tmp_path / "baselines" / "adapters" / "lora" / "lora"):
         model = tiny_hf_tts("fastspeech2_conformer").model
-        load_adapter(model, tmp_path / "adapters" / name)
+        load_adapter(model, folder)
         assert [path for path, _ in wrappers(model)] == EXPECTED["fastspeech2_conformer"]

@@ -61,7 +61,7 @@ def run_experiment(hooks: ExperimentHooks, recipe: Any, run_dir: Path, resume: b
         plan = compare_stages(recipe, entry) if not isinstance(entry, str) else hooks.baseline(entry)
         first = len(recipe.stages) - 1 if not isinstance(entry, str) else 0  # a spec copies the last stage
         models[label] = _outcome(label, plan) if isinstance(plan, Outcome) else train_candidate(
-            hooks, plan, label, run_dir / "baselines", resume, recipe.seed, False, first
+            hooks, plan, label, run_dir / "baselines", resume, recipe.seed, True, first, check=False
         )  # fmt: skip
         laps.lap(label, model=True)
     metrics = list(recipe.evaluation.metrics or data.metrics) or None
@@ -143,9 +143,10 @@ def compare_stages(recipe: Any, entry: Any) -> list[Any]:
 
 def train_candidate(
     hooks: ExperimentHooks, stages: list[Any], label: str, root: Path, resume: bool, seed: int, save: bool,
-    first: int = 0,
+    first: int = 0, check: bool = True,
 ) -> Trained:  # fmt: skip
-    """Train ``stages`` in order on a new model; save and reload-check the adapters when ``save``.
+    """Train ``stages`` in order on a new model; when ``save``, save its adapters (``root/adapters/<stage>``,
+    a baseline's with ``check=False`` under ``root/adapters/<label>/``) and, when ``check``, reload them.
 
     ``plan_stage`` gets each stage's index in the recipe: ``first`` is the first one's (a compare spec is a
     copy of the last recipe stage, so its options are that stage's).
@@ -179,7 +180,9 @@ def train_candidate(
     if hasattr(hooks, "evaluate_options"):
         candidate.details["evaluate"] = hooks.evaluate_options(model)
     if save:
-        _save_and_check(hooks, candidate, stages, plans, root)
+        _save(hooks, candidate, stages, plans, root / "adapters" / ("" if check else label))
+    if save and check:
+        _check_reload(hooks, candidate)
     return candidate
 
 
@@ -191,8 +194,9 @@ def _stage_facts(model: nn.Module, stage: Any, plan: StagePlan, config: Any, res
     if plan.adapter is not None:
         facts["adapted_modules"] = [path for path, layer in wrappers(model) if stage.name in layer.adapters]
     trainable = "all" if plan.full else list(stage.trainable or []) + list(plan.extra_trainable)
-    return facts | {"trainable": trainable, "lr": config.lr, "checkpoints": plan.checkpoint,
-                    "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2)}  # fmt: skip
+    facts |= {"trainable": trainable, "lr": config.lr, "checkpoints": plan.checkpoint,
+              "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2)}  # fmt: skip
+    return facts | ({"notes": list(result.notes)} if result.notes else {})
 
 
 def _prepare(model: nn.Module, stage: Any, plan: StagePlan) -> None:
@@ -204,19 +208,29 @@ def _prepare(model: nn.Module, stage: Any, plan: StagePlan) -> None:
     set_trainable(model, list(stage.trainable or []), extra=plan.extra_trainable)
 
 
-def _save_and_check(hooks: ExperimentHooks, candidate: Trained, stages, plans, root: Path) -> None:
-    """Save each stage's adapter (with the head) and check a fresh model reloads identical outputs."""
+def _adapter_module(hooks: ExperimentHooks, model: nn.Module) -> nn.Module:
+    """The module whose adapters a file holds: ``hooks.adapter_module(model)`` (a wrapper's inner model,
+    whose own module names lab code saves) or the model."""
+    return hooks.adapter_module(model) if hasattr(hooks, "adapter_module") else model
+
+
+def _save(hooks: ExperimentHooks, candidate: Trained, stages, plans, root: Path) -> None:
+    """Save each stage's adapter, with what trained beside it (a head), to ``root/<stage>``."""
+    module = _adapter_module(hooks, candidate.model)
     for stage, plan in zip(stages, plans, strict=True):
         if plan.adapter is not None:
-            folder = root / "adapters" / stage.name
-            save_adapter(candidate.model, folder, name=stage.name, extra=plan.extra_trainable)
-            candidate.adapters[stage.name] = folder
+            save_adapter(module, root / stage.name, name=stage.name, extra=plan.extra_trainable)
+            candidate.adapters[stage.name] = root / stage.name
+
+
+def _check_reload(hooks: ExperimentHooks, candidate: Trained) -> None:
+    """Load the saved adapters into a fresh model and compare ``hooks.probe`` outputs (no probe: no check)."""
     probe = getattr(hooks, "probe", None)
     if not candidate.adapters or probe is None:
         return
     fresh = hooks.new_model()
     for folder in candidate.adapters.values():
-        load_adapter(fresh, folder)
+        load_adapter(_adapter_module(hooks, fresh), folder)
     _match_placement(fresh, candidate.model)
     candidate.model.eval(), fresh.eval()
     with torch.no_grad():
@@ -265,12 +279,16 @@ def _model_facts(model: Trained) -> dict[str, Any]:
     policies = [getattr(r, "precision_policy", None) for r in model.results]
     if any(policies):
         facts["precision"] = policies
+    if model.adapters:
+        facts["adapters"] = {stage: str(folder) for stage, folder in model.adapters.items()}
     return facts | {key: value for key, value in model.details.items() if key != "evaluate"}
 
 
 def _info(dataset: dict, described: dict, models: dict[str, Trained], primary: str, clock: tuple) -> dict:
     main = models[primary]
     notes = list(described.pop("notes", []))
+    notes += [f"Training of '{primary}', stage '{stage['name']}': {note.rstrip('.')}."
+              for stage in main.details.get("stages", []) for note in stage.get("notes", [])]  # fmt: skip
     if "reload_identical" in main.details:
         verdict = "identical" if main.details["reload_identical"] else "DIFFERENT"
         notes.append(f"The saved adapters ({', '.join(main.adapters)}) reloaded into a fresh model give "
