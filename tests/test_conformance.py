@@ -157,6 +157,18 @@ def test_a_run_honours_the_recipe_contract(domain, tmp_path):
     if isinstance(recipe["compare"][-1], dict):
         spec_label = compare_label(recipe["compare"][-1])
         assert spec_label in report["results"] and spec_label in steps
+        (stage,) = report["extra"]["models"][spec_label]["stages"]  # as the engine ran it
+        assert stage["adapter"]["r"] == recipe["compare"][-1]["r"] and stage["adapted_modules"]
+        (folder,) = report["extra"]["models"][spec_label]["adapters"].values()  # saved like the primary's
+        assert (Path(folder) / "adapter_model.safetensors").is_file()
+        copies = [
+            note for note in report["notes"] if note.startswith(f"Compare entry '{spec_label}' is a copy")
+        ]
+        assert len(copies) == 1
+    assert sum(note.startswith("Low-data run: ") for note in report["notes"]) == 1
+    assert report["extra"]["models"][primary]["reload_identical"] is True
+    assert {"load_data", "keep_training", "evaluate", "describe"} <= set(report["cost"]["phases"])
+    assert set(report["cost"]["phases"]["models"]) == set(report["results"]) & set(report["extra"]["models"])
     for label, count in report["parameters"].items():
         assert count["fraction"] == pytest.approx(count["trainable"] / count["total"]), label
 
