@@ -183,10 +183,8 @@ class ClinicalExperiment:
         """Perplexity rows, HF peft copies and the head beside the engine's adapters, the report's facts."""
         main = next(iter(models.values()))
         head_info = {"task": self.task, "class_names": self.class_names}
-        bare_lm = lm_copy(self.pipe.backbone.model)
-        adapter = export_run_adapters(
-            main.model, main.adapters, bare_lm, self.run_dir / "adapters", head_info, self.recipe.stages
-        )
+        bare_lm, folder = lm_copy(self.pipe.backbone.model), self.run_dir / "adapters"
+        adapter = export_run_adapters(main.model, main.adapters, bare_lm, folder, head_info)
         backbone, cached = self.pipe.backbone, self.pipe.backbone_options.cached_layers
         notes = run_notes(self.notes, backbone.info, cached, self.held_out, self.lm_sets)
         return {

@@ -33,7 +33,6 @@ from pipelines.core.peft import (
     add_adapter,
     load_adapter,
     save_adapter,
-    spec_to_dict,
     wrappers,
 )
 from pipelines.core.peft.inject import logical_modules, matches
@@ -368,25 +367,17 @@ def export_run_adapters(
     bare_lm: Any,
     directory: Path,
     head_info: dict[str, Any],
-    stages: Sequence[StageSection],
 ) -> dict[str, Any]:
     """Write a recipe run's HF peft copies and head (:func:`save_exports`) beside the native adapter
     folders the engine saved (``saved``: adapter name -> folder).
 
     Returns:
-        The report's ``adapter`` facts: the methods, each stage's spec, the order the adapters compose in,
-        the native folders' bytes and the bytes of every folder.
+        What the report's ``adapter`` entry adds to the engine's: the order the adapters compose in and the
+        bytes of every folder written (native adapters, HF peft copies, the head).
     """
     sizes = {name: (path / WEIGHTS).stat().st_size for name, path in saved.items()}
     sizes.update(save_exports(model, bare_lm, directory, head_info))
-    specs = {s.name: spec_to_dict(s.adapter) for s in stages if s.adapter is not None}
-    return {
-        "method": ", ".join(sorted({d["method"] for d in specs.values()})) or "none",
-        "spec": specs,
-        "order": adapter_names(model),
-        "file_size_bytes": sum(v for k, v in sizes.items() if "/" not in k),
-        "files": sizes,
-    }
+    return {"order": adapter_names(model), "files": sizes}
 
 
 def load_adapters(model: ClinicalModel, directory: Path, names: list[str] | None = None) -> None:

@@ -90,6 +90,7 @@ def test_low_data_sweep_reports_every_model_at_every_fraction(tmp_path, npz_file
     run_dir = next((tmp_path / "runs" / "tiny_vit_lora").iterdir())  # adapters where `export` looks
     assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["task-100pct", "task-25pct"]
     assert report["adapter"]["directory"] == str(run_dir / "adapters" / "task-100pct")
+    assert report["adapter"]["directories"] == {"task": str(run_dir / "adapters" / "task-100pct")}
 
 
 def test_a_sweep_refuses_the_low_data_fields_it_overrides(tmp_path, npz_file, tiny_vit):

@@ -76,13 +76,19 @@ def cost(models: dict[str, Any], primary: str, started: float, laps: Laps) -> di
 
 
 def adapter_entry(recipe: Any, adapters: dict[str, Any]) -> dict[str, Any]:
-    """The report's ``adapter``: the last stage's method and spec, the folder the primary model's adapter
-    was saved to (``adapters``: stage name -> folder) and the size of its tensor files, and the stages."""
+    """The report's ``adapter``: the last stage's method and spec, the folder the primary model's last
+    adapter was saved to (``adapters``: stage name -> folder) and the size of its tensor files, the stages,
+    and every adapter stage's spec (``specs``) and folder (``directories``)."""
     final = recipe.stages[-1]
     stages = [stage.name for stage in recipe.stages]
+    entry: dict[str, Any] = {"method": "head only", "stages": stages}
+    specs = {stage.name: spec_to_dict(stage.adapter) for stage in recipe.stages if stage.adapter is not None}
+    if specs:
+        entry["specs"] = specs
+        entry["directories"] = {name: str(folder) for name, folder in adapters.items()}
     if final.adapter is None:
-        return {"method": "head only", "stages": stages}
-    entry = {"method": final.adapter.method, "spec": spec_to_dict(final.adapter), "stages": stages}
+        return entry
+    entry.update(method=final.adapter.method, spec=specs[final.name])
     folder = adapters.get(final.name)
     if folder is not None:
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))

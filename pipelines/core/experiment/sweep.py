@@ -59,6 +59,9 @@ def _move_adapters(run: RunResult, folder: Path, run_dir: Path, slug: str) -> No
         saved.rename(target)
         if adapter.get("directory") == str(saved):
             adapter["directory"] = str(target)
+        for stage, directory in adapter.get("directories", {}).items():
+            if directory == str(saved):
+                adapter["directories"][stage] = str(target)
     if (folder / "adapters").is_dir():
         (folder / "adapters").rmdir()
 
