@@ -4,10 +4,11 @@
 low-data training subset (``data.fraction``, ``data.shots_per_class``), train the recipe's stages on one
 model (add the stage's adapter, ``set_trainable``, ``core.training.train``), save its adapters and check
 that they reload to identical outputs, train each ``compare`` entry on the same data, seed and step
-budget, score every model on the test split with ``evaluate``, and return the RunResult the runner
-writes as the report: the headline, parameters (trainable = what any stage trained; total = every
-parameter of the final model, adapters included), cost (with each phase's wall and CPU seconds), what
-each stage of each model trained (``extra.models``) and the notes on the low-data draw and compare specs.
+budget (saving its adapters too), score every model on the test split with ``evaluate``, and return the
+RunResult the runner writes as the report: the headline, parameters (trainable = what any stage
+trained; total = every parameter of the final model, adapters included), cost (with each phase's wall
+and CPU seconds), what each stage of each model trained (``extra.models``) and the notes on the low-data
+draw and compare specs.
 """
 
 from __future__ import annotations
