@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shlex
 import signal
 
@@ -96,7 +95,9 @@ def last_step(run_dir) -> int:
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_exits_130(tmp_path, capsys):
     def ctrl_c(call):
         if call == 5:  # in step 5: steps 1-4 are done
-            os.kill(os.getpid(), signal.SIGINT)
+            # A real SIGINT; raise_signal runs its handler before returning, so the KeyboardInterrupt comes
+            # from here and not from wherever the interpreter next checks (inside a __del__ it is ignored).
+            signal.raise_signal(signal.SIGINT)
 
     TrainingPipeline.hook = ctrl_c
     assert cli.main(["run", "toy/toy_train", "--output-dir", "out dir", "stages.0.train.lr=0.05"]) == 130
