@@ -19,6 +19,15 @@ import torch
 MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _domains_registered():
+    """Every domain imported, so registered, before any test swaps the registry for one of its own: a domain
+    first imported inside such a test registers there and is unknown after it (its module stays imported)."""
+    from pipelines.core.registry import import_domains
+
+    import_domains()
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     threads = torch.get_num_threads()
