@@ -124,3 +124,25 @@ def test_a_pooled_difference_without_kept_predictions_says_so_instead_of_nan():
         "lora@100% minus ssf@100%: auroc +0.016 [+0.011, +0.021] (seed-mean, pooled paired bootstrap, "
         "p < 0.001); lora@100% was ahead on 3 of 3 seeds.",
     ]
+
+
+def test_a_sweeps_pairs_at_its_smaller_fractions_are_kept_for_every_seed(tmp_path, monkeypatch):
+    """Each seed's `extra.comparisons_by_fraction` moves under `extra.seeds`, keyed by seed (the first
+    seed's alone, at the top level, would read as the repeated run's)."""
+    run = SeededPipeline.run
+
+    def with_pairs(self, run_dir, resume=False):
+        result = run(self, run_dir, resume)
+        result.info = {
+            "extra": {"comparisons_by_fraction": {"10%": {"model": "lora", "seed": self.recipe.seed}}}
+        }
+        return result
+
+    monkeypatch.setattr(SeededPipeline, "run", with_pairs)
+    (tmp_path / "toy_seeds.yaml").write_text(RECIPE)
+    run_dir = run_recipe(str(tmp_path / "toy_seeds.yaml"), output_dir=tmp_path / "runs")
+    extra = json.loads((run_dir / "report.json").read_text())["extra"]
+    assert "comparisons_by_fraction" not in extra
+    assert extra["seeds"]["comparisons_by_fraction"] == {
+        str(seed): {"10%": {"model": "lora", "seed": seed}} for seed in (0, 1, 2)
+    }

@@ -91,6 +91,18 @@ def test_low_data_sweep_reports_every_model_at_every_fraction(tmp_path, npz_file
     assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["task-100pct", "task-25pct"]
     assert report["adapter"]["directory"] == str(run_dir / "adapters" / "task-100pct")
     assert report["adapter"]["directories"] == {"task": str(run_dir / "adapters" / "task-100pct")}
+    # the top-level comparisons pair the models at 100%; the 25% models are paired on their own predictions
+    assert report["comparisons"]["model"] == "lora@100%"
+    assert report["comparisons"]["baselines"] == ["linear_probe@100%"]
+    at_25 = report["extra"]["comparisons_by_fraction"]["25%"]
+    assert (at_25["model"], at_25["baselines"], at_25["n_examples"]) == ("lora", ["linear_probe"], 20)
+    row = at_25["results"]["linear_probe"]["auroc"]
+    assert row["value_model"] == pytest.approx(report["results"]["lora@25%"]["auroc"]["value"])
+    assert row["value_baseline"] == pytest.approx(report["results"]["linear_probe@25%"]["auroc"]["value"])
+    assert row["low"] <= row["difference"] <= row["high"]
+    markdown = (run_dir / "report.md").read_text()
+    assert "## Paired comparisons at 25% of the training data" in markdown
+    assert "comparisons_by_fraction" not in markdown  # not dumped again under Extra
 
 
 def test_a_sweep_refuses_the_low_data_fields_it_overrides(tmp_path, npz_file, tiny_vit):

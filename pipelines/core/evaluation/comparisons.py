@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from pipelines.core.evaluation.report import RunResult
 
 
+# extra.<this>: a fraction sweep's comparisons at each fraction below the largest, {"10%": section, ...}
+BY_FRACTION = "comparisons_by_fraction"
+
+
 def _label_mismatch(labels: Any, reference: Any, primary: str) -> str | None:
     """Why `labels` are not provably the test labels of `primary`, or None when they are equal."""
     try:

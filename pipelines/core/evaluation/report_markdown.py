@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from pipelines.core.evaluation.comparisons import BY_FRACTION
+
 
 def format_number(value: Any) -> str:
     """A metric value for a table: 3 decimals in the usual range, 4 significant digits otherwise."""
@@ -154,11 +156,11 @@ def comparison_sentence(model: str, baseline: str, metric: str, row: Mapping[str
     return text + "."
 
 
-def _comparison_lines(section: Mapping[str, Any]) -> list[str]:
+def _comparison_lines(section: Mapping[str, Any], title: str = "Paired comparisons") -> list[str]:
     if not section:
         return []
     model, baselines, results = section["model"], section.get("baselines") or [], section.get("results") or {}
-    lines = ["## Paired comparisons", ""]
+    lines = [f"## {title}", ""]
     if results:
         if section.get("bootstrap"):
             method = (
@@ -223,6 +225,8 @@ def render_markdown(payload: Mapping[str, Any], plots: list[str], created: str) 
     if sentence:
         lines += [sentence, ""]
     lines += _comparison_lines(payload.get("comparisons") or {})
+    for fraction, section in ((payload.get("extra") or {}).get(BY_FRACTION) or {}).items():
+        lines += _comparison_lines(section, f"Paired comparisons at {fraction} of the training data")
     if payload["parameters"]:
         lines += ["## Parameters", "", *_parameters_table(payload["parameters"]), ""]
     for title, key in (
@@ -237,7 +241,7 @@ def render_markdown(payload: Mapping[str, Any], plots: list[str], created: str) 
     lines.append("")
     if payload["notes"]:
         lines += ["## Notes", "", *[f"- {note}" for note in payload["notes"]], ""]
-    extra = {key: value for key, value in payload["extra"].items() if key != "evaluation"}
+    extra = {key: value for key, value in payload["extra"].items() if key not in ("evaluation", BY_FRACTION)}
     if extra:
         lines += ["## Extra", "", *_key_values(extra), ""]
     if plots:

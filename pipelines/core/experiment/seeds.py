@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.core.evaluation import EvaluationReport, MetricResult, RunResult, get_metric, prepare_inputs
+from pipelines.core.evaluation.comparisons import BY_FRACTION
 from pipelines.core.evaluation.evaluate import bootstrap_values
 from pipelines.core.evaluation.report_markdown import format_p, signed_numbers
 
@@ -174,6 +175,8 @@ def aggregate_seeds(runs: dict[int, RunResult], bootstrap: int = 1000) -> RunRes
     wins = _wins(ordered, first.primary_model, first.headline_metric, bootstrap, seeds[0])
     extra = dict(first.info.get("extra") or {})
     extra["seeds"] = {"seeds": seeds, "scope": SEED_SCOPE, "per_model": tables, "wins": wins}
+    if extra.pop(BY_FRACTION, None) is not None:  # a sweep's pairs at its smaller fractions: every seed's
+        extra["seeds"][BY_FRACTION] = {str(s): r.info["extra"][BY_FRACTION] for s, r in runs.items()}
     times = [(run.info.get("cost") or {}).get("wall_time_s") for run in ordered]
     notes = _notes(seeds, first.primary_model, wins) + list(first.info.get("notes") or [])
     info = {

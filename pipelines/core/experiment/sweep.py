@@ -3,7 +3,8 @@
 Each fraction is one engine run (``data.fraction`` replaced) in ``fraction-<n>pct/`` of the run folder, on
 the same loaded data; its adapters move to ``adapters/<stage>-<n>pct/``, where ``export`` finds them. The
 runs merge into one RunResult: every label gets ``@<n>%``, the headline is the primary model at the
-largest fraction (whose test predictions the plots and paired comparisons use), and
+largest fraction (whose test predictions the plots and the top-level paired comparisons use; each
+smaller fraction's models are paired in ``extra.comparisons_by_fraction``), and
 ``dataset.train_sizes_per_fraction`` gives the training images at each fraction.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core.evaluation import RunResult
+from pipelines.core.evaluation.comparisons import BY_FRACTION, run_comparisons
 from pipelines.core.experiment import run_experiment
 
 __all__ = ["run_sweep", "percent"]
@@ -92,6 +94,9 @@ def _merged_info(runs: dict[float, RunResult], top: float, wall_time_s: float) -
         extra[key] = {f"{label}@{percent(f)}": value for f, r in runs.items()
                       for label, value in r.info["extra"].get(key, {}).items()}  # fmt: skip
     extra["sweep_fractions"] = list(runs)
+    # The top-level comparisons pair the models at the largest fraction; each smaller one is paired here,
+    # on its own run's predictions (the same test examples), which the merged result does not keep.
+    extra[BY_FRACTION] = {percent(f): run_comparisons(r) for f, r in runs.items() if f != top}
     extra["adapters"] = {f"{r.info['adapter']['stages'][-1]}@{percent(f)}": r.info["adapter"]
                          for f, r in runs.items() if r.info.get("adapter")}  # fmt: skip
     cost = dict(info["cost"])
