@@ -91,12 +91,13 @@ class _FusedLoRAStack(torch.autograd.Function):
         for i, (p, _) in enumerate(plan):
             a_cast, b_scaled = tensors[4 * i + 2], tensors[4 * i + 3]
             if p > 0:  # the noise F.dropout draws on the CPU: the same random numbers in the same order
-                noise = torch.empty_like(x).bernoulli_(1 - p).reshape(x2.shape)
-                keep = noise.bool()
-                u = (x2 * noise.div_(1 - p)) @ a_cast.t()
+                keep = torch.empty_like(x).bernoulli_(1 - p).reshape(x2.shape).bool()
+                u = (x2 * keep) @ a_cast.t()
+                # 1/(1-p) on the GEMM's alpha, exact in any dtype (in bf16 it would round: -0.16% at 0.1)
+                out.addmm_(u, b_scaled.t(), alpha=1 / (1 - p))
             else:
                 keep, u = None, x2 @ a_cast.t()
-            out.addmm_(u, b_scaled.t())
+                out.addmm_(u, b_scaled.t())
             saved += [u, a_cast, b_scaled, keep]
         kept = factors if factors is not None else (x,)
         ctx.save_for_backward(weight, *[t for t in saved if t is not None], *kept)
@@ -120,17 +121,23 @@ class _FusedLoRAStack(torch.autograd.Function):
             u, a_cast, b_scaled, keep = saved[4 * i : 4 * i + 4]
             wants_a, wants_b = ctx.needs_input_grad[5 + 4 * i], ctx.needs_input_grad[6 + 4 * i]
             gb = g @ b_scaled
-            noise = None if keep is None else keep.to(x2.dtype).div_(1 - p)
+            rescale = 1.0 if keep is None else 1 / (1 - p)
             if grad_x is not None:
-                if noise is None:
+                if keep is None:
                     grad_x.addmm_(gb, a_cast)
                 else:
-                    grad_x.add_((gb @ a_cast) * noise)
-            h = x2 if noise is None else x2 * noise
+                    grad_x.add_((gb @ a_cast) * keep, alpha=rescale)
+            h = x2 if keep is None else x2 * keep
             a_dtype, b_dtype = ctx.dtypes[i]
-            grad_a = (gb.t() @ h).to(a_dtype) if wants_a else None
-            # beta=0: b_scaled only gives the shape; the scale rides on the GEMM, not on a kernel of its own
-            grad_b = torch.addmm(b_scaled, g.t(), u, beta=0, alpha=scaling).to(b_dtype) if wants_b else None
+            grad_a = None
+            if wants_a:
+                grad_a = (gb.t() @ h).to(a_dtype)
+                if keep is not None:
+                    grad_a.mul_(rescale)  # in the float32 master dtype
+            # beta=0: b_scaled only gives the shape; the scales ride on the GEMM, not on kernels of their own
+            grad_b = None
+            if wants_b:
+                grad_b = torch.addmm(b_scaled, g.t(), u, beta=0, alpha=scaling * rescale).to(b_dtype)
             grads += [grad_a, grad_b, None, None]
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
