@@ -20,11 +20,12 @@ from pipelines.core.training import TrainConfig, TrainResult
 from pipelines.speech.adaptation import BASELINES as OFFLINE_BASELINES
 from pipelines.speech.adaptation import ClipTraining, adaptation_recipe, default_adapter, nearest_speaker
 from pipelines.speech.audio import load_vocoder
-from pipelines.speech.backbones import Backbone, load_backbone
+from pipelines.speech.backbones import Backbone, BaseSettings, load_backbone
 from pipelines.speech.data import Example, Utterance, folder_utterances, load_example, text_to_ids
 from pipelines.speech.fsdd import FsddSession
 from pipelines.speech.hf_tts import is_hf_backbone
 from pipelines.speech.options import (
+    HF_FIELDS,
     AdaptationDataOptions,
     AdaptationOptions,
     AdaptationStageOptions,
@@ -71,6 +72,29 @@ def _folder_refusals(recipe) -> list[tuple[str, str]]:
         reason = "speaker_folder needs test_folder: held-out WAV files of the same speaker to score"
         refused.append((where + "test_folder", reason))
     return refused
+
+
+# Options only one kind of backbone reads: refused beside the other kind instead of ignored.
+BUILT_IN_ONLY = {
+    "backbone.options": tuple(k for k in BaseSettings.model_fields if k != "held_out_speaker") + ("vocoder",),
+    "data.options": ("plot_clips", "evaluators", "vocode_reference", "second_take_reference"),
+}
+
+
+def _backbone_refusals(recipe) -> list[tuple[str, str]]:
+    """Options of the built-in FSDD acoustic model beside a transformers backbone, and the transformers
+    options (``HF_FIELDS``) beside the built-in model."""
+    name = recipe.backbone.name
+    sections = {"backbone.options": recipe.backbone.options, "data.options": recipe.data.options}
+    given = {f"{where}.{key}" for where, options in sections.items()
+             for key, value in options.items() if value is not None}  # fmt: skip
+    if is_hf_backbone(name):
+        unread = [f"{where}.{key}" for where, keys in BUILT_IN_ONLY.items() for key in keys]
+        reason = f"the built-in FSDD acoustic model reads it; the transformers backbone {name} does not"
+    else:
+        unread = [f"backbone.options.{key}" for key in HF_FIELDS if key != "vocoder"]
+        reason = f"transformers backbones (hf:<id>, a folder) read it; the built-in model {name} does not"
+    return [(path, f"{reason}: remove it") for path in unread if path in given]
 
 
 class SpeakerAdaptationPipeline:
@@ -134,7 +158,11 @@ class SpeakerAdaptationPipeline:
         """Refuse ``data.shots_per_class`` (``data.fraction`` draws that share of the adaptation clips, per
         digit where digits are known) and speaker folder options that would go unread."""
         fix = "choose the number of adaptation clips with data.options.adaptation_clips"
-        return _low_data_refusals(recipe, fix, fraction=True) + _folder_refusals(recipe)
+        return (
+            _low_data_refusals(recipe, fix, fraction=True)
+            + _folder_refusals(recipe)
+            + _backbone_refusals(recipe)
+        )
 
     @classmethod
     def from_recipe(cls, recipe):
@@ -294,7 +322,8 @@ class BaseMultispeakerPipeline:
     @classmethod
     def check_recipe(cls, recipe) -> list[tuple[str, str]]:
         """Refuse the generic low-data fields: the base trains on every training clip of its speakers."""
-        return _low_data_refusals(recipe, "the base model trains on every training clip of its speakers")
+        fix = "the base model trains on every training clip of its speakers"
+        return _low_data_refusals(recipe, fix) + _backbone_refusals(recipe)
 
     @classmethod
     def from_recipe(cls, recipe) -> BaseMultispeakerPipeline:

@@ -175,3 +175,30 @@ def test_validate_refuses_speaker_folder_options_that_would_go_unread(tmp_path, 
     assert len(messages) == len(expected), messages
     for message, start in zip(messages, sorted(expected), strict=True):
         assert message.startswith(start), messages
+
+
+@pytest.mark.parametrize(
+    ("backbone", "path", "value", "reader"),
+    [
+        ("test_tiny_speecht5", "data.options.plot_clips", 5, "the built-in FSDD acoustic model reads it"),
+        ("test_tiny_speecht5", "data.options.evaluators", False, "the built-in FSDD acoustic model reads it"),
+        ("test_tiny_speecht5", "data.options.vocode_reference", False, "the built-in FSDD acoustic model"),
+        ("test_tiny_speecht5", "backbone.options.steps", 5, "the built-in FSDD acoustic model reads it"),
+        ("test_tiny_speecht5", "backbone.options.vocoder", "griffin_lim", "the built-in FSDD acoustic model"),
+        ("fsdd_multispeaker", "backbone.options.hf_vocoder", "x", "transformers backbones (hf:<id>, a"),
+        ("fsdd_multispeaker", "backbone.options.local_files_only", True, "transformers backbones"),
+    ],
+)  # fmt: skip
+def test_validate_refuses_what_the_chosen_backbone_does_not_read(tmp_path, backbone, path, value, reader):
+    """Each speech option is read by one kind of backbone; beside the other it is refused, not ignored."""
+    from pipelines.core.recipe import validate_recipe_file
+
+    recipe = yaml.safe_load((RECIPES / "speecht5_speaker_adapter.yaml").read_text())
+    recipe["backbone"]["name"] = backbone
+    if backbone == "fsdd_multispeaker":
+        recipe["backbone"]["options"], recipe["compare"] = {}, ["lora"]
+    section, _, key = path.rpartition(".")
+    recipe[section.split(".")[0]]["options"][key] = value
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (error,) = validate_recipe_file(tmp_path / "recipe.yaml")
+    assert error.path == path and error.message.startswith(reader) and error.message.endswith(": remove it")
