@@ -187,8 +187,9 @@ def train(
 
 
 def _check_arguments(config, train_data, val_data, evaluate_fn, run_dir, resume) -> None:
-    if config.early_stopping_patience is not None and val_data is None and evaluate_fn is None:
-        raise ValueError("early_stopping_patience needs val_data or evaluate_fn; pass one or unset it.")
+    for name in ("early_stopping_patience", "eval_every"):  # nothing to evaluate: not silently skipped
+        if getattr(config, name) is not None and val_data is None and evaluate_fn is None:
+            raise ValueError(f"{name} needs val_data or evaluate_fn; pass one or unset it.")
     if run_dir is None and (resume or config.checkpoint_every is not None):
         raise ValueError("resume and checkpoint_every need a run_dir; pass run_dir=... to train().")
     sampler = getattr(train_data, "sampler", None)

@@ -81,6 +81,17 @@ BUILT_IN_ONLY = {
 }
 
 
+def _validation_refusals(recipe) -> list[tuple[str, str]]:
+    """Speaker adaptation has no validation clips: evaluation and early stopping have nothing to read."""
+    reason = "speaker adaptation has no validation clips to evaluate; remove"
+    return [
+        (f"stages.{index}.train.{name}", f"{reason} {name}")
+        for index, stage in enumerate(recipe.stages)
+        for name in ("eval_every", "early_stopping_patience")
+        if getattr(stage.train, name) is not None
+    ]
+
+
 def _backbone_refusals(recipe) -> list[tuple[str, str]]:
     """Options of the built-in FSDD acoustic model beside a transformers backbone, and the transformers
     options (``HF_FIELDS``) beside the built-in model."""
@@ -158,11 +169,8 @@ class SpeakerAdaptationPipeline:
         """Refuse ``data.shots_per_class`` (``data.fraction`` draws that share of the adaptation clips, per
         digit where digits are known) and speaker folder options that would go unread."""
         fix = "choose the number of adaptation clips with data.options.adaptation_clips"
-        return (
-            _low_data_refusals(recipe, fix, fraction=True)
-            + _folder_refusals(recipe)
-            + _backbone_refusals(recipe)
-        )
+        refusals = _low_data_refusals(recipe, fix, fraction=True) + _folder_refusals(recipe)
+        return refusals + _backbone_refusals(recipe) + _validation_refusals(recipe)
 
     @classmethod
     def from_recipe(cls, recipe):

@@ -315,6 +315,8 @@ def test_argument_errors_name_the_fix(tmp_path):
         build_optimizer(frozen, TrainConfig())
     with pytest.raises(ValueError, match="early_stopping_patience needs val_data or evaluate_fn"):
         train(linear(), regression_data(), mse, TrainConfig(early_stopping_patience=2), progress=False)
+    with pytest.raises(ValueError, match="eval_every needs val_data or evaluate_fn"):  # not skipped silently
+        train(linear(), regression_data(), mse, TrainConfig(eval_every=2), progress=False)
     with pytest.raises(ValueError, match="need a run_dir"):
         train(linear(), regression_data(), mse, TrainConfig(), resume=True, progress=False)
     with pytest.raises(TypeError, match="loss_fn must return a scalar tensor, got Tensor \\(8,\\)"):

@@ -202,3 +202,12 @@ def test_validate_refuses_what_the_chosen_backbone_does_not_read(tmp_path, backb
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (error,) = validate_recipe_file(tmp_path / "recipe.yaml")
     assert error.path == path and error.message.startswith(reader) and error.message.endswith(": remove it")
+
+
+@pytest.mark.parametrize("field", ["eval_every", "early_stopping_patience"])
+def test_validate_refuses_evaluation_settings_speaker_adaptation_cannot_honour(field):
+    from pipelines.core.recipe import validate_recipe_file
+
+    (error,) = validate_recipe_file(RECIPES / "fsdd_speaker_adapter.yaml", [f"stages.0.train.{field}=2"])
+    assert error.path == f"stages.0.train.{field}"
+    assert error.message == f"speaker adaptation has no validation clips to evaluate; remove {field}"
