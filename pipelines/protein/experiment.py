@@ -65,7 +65,10 @@ class ProteinExperiment:
         options = self.options.for_stage(index, len(self.recipe.stages))
         spec = self.pipe.resolve_spec(stage.adapter, options.last_n_layers)
         if stage.objective == "masked_lm":
-            plan, facts = masked_lm_stage(model, stage.name, spec, options, self.splits, self.options.data)
+            limit = self.info["residue_limit"]
+            plan, facts = masked_lm_stage(
+                model, stage.name, spec, options, self.splits, self.options.data, limit
+            )
             self.masked_lm[stage.name] = facts
             return plan
         valid = self.splits["valid"]

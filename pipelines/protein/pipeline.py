@@ -52,6 +52,7 @@ from pipelines.protein.datasets import RESIDUE_DATASETS, SEQUENCE_DATASETS, Data
 from pipelines.protein.metrics import register_protein_metrics
 from pipelines.protein.model import ProteinModel, target_statistics
 from pipelines.protein.options import BackboneOptions, ProteinOptions, StageOptions
+from pipelines.protein.refusals import unread_fields
 from pipelines.protein.splits import limit_length
 from pipelines.protein.stages import task_stage
 
@@ -140,15 +141,27 @@ class _ProteinPipeline:
 
     @classmethod
     def check_recipe(cls, recipe: Any) -> list[tuple[str, str]]:
-        """Refuse stage objectives out of order and ``data.shots_per_class`` without per-sequence classes."""
+        """Refuse a task the level has not, stage objectives out of order, a masked_lm stage without an
+        adapter, ``data.shots_per_class`` without per-sequence classes, and every option this configuration
+        would not read (:func:`pipelines.protein.refusals.unread_fields`)."""
         task = recipe.data.task or ("regression" if cls.LEVEL == "sequence" else "multiclass")
+        tasks = ("binary", "multiclass") if cls.LEVEL == "residue" else tuple(DEFAULT_METRICS)
         want = "regression" if task == "regression" else "classification"
         early = [(i, s) for i, s in enumerate(recipe.stages[:-1]) if s.objective != "masked_lm"]
         before = "comes before the task stage, so its objective must be masked_lm, not"
         errors = [(f"stages.{i}.objective", f"stage '{stage.name}' {before} '{stage.objective}'")
                   for i, stage in early]  # fmt: skip
+        bare = [
+            (i, s) for i, s in enumerate(recipe.stages) if s.objective == "masked_lm" and s.adapter is None
+        ]
+        errors += [(f"stages.{i}.adapter", f"the masked_lm stage '{stage.name}' trains only its adapter and "
+                    "has none: give it one (e.g. method: lora)") for i, stage in bare]  # fmt: skip
+        errors += unread_fields(recipe, cls.LEVEL)
         last = recipe.stages[-1]
-        if last.objective != want:
+        if task not in tasks:
+            errors.append(("data.task", f"protein/{cls.LEVEL} has no task '{task}': set data.task to one of "
+                           f"{', '.join(tasks)}"))  # fmt: skip
+        elif last.objective != want:
             errors.append((f"stages.{len(recipe.stages) - 1}.objective", f"the last stage's objective must "
                            f"be '{want}' for task '{task}', not '{last.objective}'"))  # fmt: skip
         if recipe.data.shots_per_class is None:
