@@ -139,7 +139,14 @@ class ImagingClassificationPipeline:
 
     @classmethod
     def check_recipe(cls, recipe: Any) -> list[tuple[str, str]]:
-        """Refuse low-data fields a sweep would override, and sweep fractions outside (0, 1]."""
+        """Refuse low-data fields a sweep would override, sweep fractions outside (0, 1], and every option
+        this recipe's configuration would not read (:mod:`pipelines.imaging.refusals`)."""
+        from pipelines.imaging.refusals import recipe_refusals
+
+        return cls._sweep_refusals(recipe) + recipe_refusals(recipe)
+
+    @staticmethod
+    def _sweep_refusals(recipe: Any) -> list[tuple[str, str]]:
         fractions = recipe.data.options.get("sweep_fractions")
         if not fractions:
             return []
