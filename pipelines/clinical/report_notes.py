@@ -26,17 +26,18 @@ def run_notes(
     backbone_info: dict[str, Any],
     cached_layers: int,
     held_out: LMBlocks | None,
-    lm_sets: dict[int, LMBlocks],
+    lm_sets: dict[tuple[int, int | None], LMBlocks],
 ) -> list[str]:
-    """The notes of a run: the perplexity's ``held_out`` blocks and stage 1's training blocks of the same
-    length (``lm_sets``: block length -> blocks; none without a causal-LM stage), the dataset's drops, a
-    random backbone, cached layers."""
+    """The notes of a run: the perplexity's ``held_out`` blocks and the first causal-LM stage's training
+    blocks (``lm_sets``: (block length, max_blocks) -> blocks in stage order; none without a causal-LM
+    stage), the dataset's drops, a random backbone, cached layers."""
     out = []
     if held_out is not None:
         blocks, length = held_out.blocks.shape
+        trained = next(iter(lm_sets.values())).blocks.shape[0]
         out.append(
             f"Perplexity: {blocks} held-out blocks of {length} tokens packed from test-split notes (never "
-            f"trained on); stage 1 trained on {lm_sets[length].blocks.shape[0]} blocks from training-split "
+            f"trained on); stage 1 trained on {trained} blocks from training-split "
             "notes."
         )
     out += dataset_notes(notes)
