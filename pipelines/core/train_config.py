@@ -71,17 +71,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _no_unread_settings(self) -> TrainConfig:
-        """A setting changed from its default where nothing reads it is refused, not ignored."""
+        """momentum changed from its default under an optimiser that does not read it is refused, not
+        ignored. (The early-stopping metric, mode and min_delta are read without patience too: they pick the
+        best evaluation, reported as each stage's ``best``.)"""
         if self.optimizer != "sgd" and self.momentum != 0.9:
             raise ValueError(f"momentum is SGD's; optimizer {self.optimizer} does not read it: remove it")
-        defaults = {"early_stopping_metric": "loss", "early_stopping_mode": "min",
-                    "early_stopping_min_delta": 0.0}  # fmt: skip
-        changed = [name for name, default in defaults.items() if getattr(self, name) != default]
-        if changed and self.early_stopping_patience is None:
-            raise ValueError(
-                f"{', '.join(changed)}: read only with early_stopping_patience; set it or remove "
-                f"{'them' if len(changed) > 1 else 'it'}"
-            )
         return self
 
 

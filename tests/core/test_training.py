@@ -323,6 +323,9 @@ def test_argument_errors_name_the_fix(tmp_path):
         train(linear(), regression_data(), lambda m, b: m(b[0]).squeeze(-1), TrainConfig(), progress=False)
     with pytest.raises(ValueError, match="extra_forbidden|Extra inputs"):
         TrainConfig(learning_rate=1e-3)
+    with pytest.raises(ValueError, match="momentum is SGD's; optimizer adamw does not read it: remove it"):
+        TrainConfig(momentum=0.5)
+    assert TrainConfig(**TrainConfig().model_dump()) == TrainConfig()  # a resolved recipe's defaults pass
 
 
 def test_every_config_field_is_documented():

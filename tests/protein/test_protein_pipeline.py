@@ -100,6 +100,9 @@ def test_recipe_with_masked_lm_stage_then_task_stage(tmp_path):
     assert stage["valid_perplexity_before"] > 1 and stage["valid_perplexity_after"] > 1
     assert stage["sequences"] == 41 and stage["mask_probability"] == 0.15
     evotune, task = report["extra"]["models"]["lora"]["stages"]  # the engine's record of each stage
+    # each stage's best evaluation (masked-LM loss on the valid split; the task's validation loss)
+    assert evotune["best"]["metric"] == task["best"]["metric"] == "loss"
+    assert 1 <= evotune["best"]["step"] <= evotune["steps"] and 1 <= task["best"]["step"] <= task["steps"]
     assert (evotune["objective"], evotune["trainable"], task["trainable"]) == (
         "masked_lm",
         ["evotune"],

@@ -197,6 +197,8 @@ def _stage_facts(model: nn.Module, stage: Any, plan: StagePlan, config: Any, res
     trainable = "all" if plan.full else list(stage.trainable or []) + list(plan.extra_trainable)
     facts |= {"trainable": trainable, "lr": config.lr, "checkpoints": plan.checkpoint,
               "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2)}  # fmt: skip
+    if result.best_step is not None:  # the best evaluation, by the stage's early_stopping_metric and mode
+        facts["best"] = {"metric": result.metric_name, "value": result.best_metric, "step": result.best_step}
     return facts | ({"notes": list(result.notes)} if result.notes else {})
 
 
