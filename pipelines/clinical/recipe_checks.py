@@ -172,9 +172,10 @@ def _stage_fields(recipe: Any) -> list[tuple[str, str]]:
 
 
 def _watching_fields(stage: Any, at: str) -> list[tuple[str, str]]:
-    """An early-stopping metric the validation lacks (TrainConfig refuses one without patience)."""
+    """An early-stopping metric the validation lacks: with patience it would fail, without it the best
+    evaluation would silently not be tracked."""
     metric = stage.train.early_stopping_metric
-    if stage.objective == "classification" and stage.train.early_stopping_patience and metric != "loss":
+    if stage.objective == "classification" and metric != "loss":
         reason = (
             f"the clinical validation computes only the loss, not '{metric}': set it to loss or remove it"
         )

@@ -87,6 +87,7 @@ NOTES_CASES = [  # (changes of the notes-file recipe, the one refused path); "st
         {"stages.1.train.early_stopping_patience": 2, "stages.1.train.early_stopping_metric": "auroc"},
         "stages.1.train.early_stopping_metric",
     ),
+    ({"stages.1.train.early_stopping_metric": "auroc"}, "stages.1.train.early_stopping_metric"),
     ({"stages": lambda s: [s[0], _lm("more", eval_blocks=9), s[1]]}, "stages.1.options.eval_blocks"),
     ({"stages": lambda s: [*s, _head("again", pooling="mean")]}, "stages.2.options.pooling"),
     (
