@@ -79,9 +79,14 @@ def setup_distributed(backend: str | None = None) -> bool:
 
 
 def cleanup_distributed() -> None:
-    """Destroys the process group if one exists (safe to call more than once)."""
+    """Destroys the process group if one exists (safe to call more than once), after a barrier: a rank
+    that tears gloo down while another is still in its last collective can abort the process ("terminate
+    called without an active exception", exit -6) at the end of a run that succeeded."""
     if is_distributed():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def default_device(model: nn.Module) -> torch.device:
