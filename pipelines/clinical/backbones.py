@@ -245,7 +245,8 @@ def load_backbone(name: str = "smollm2-135m", options: dict[str, Any] | None = N
     """
     options = dict(options or {})
     dtype = getattr(torch, str(options.pop("dtype", "float32")))
-    if name == "tiny-random-llama":
+    source = backbone_source(name)
+    if source == "random":
         model = tiny_llama(**options)
         info = {
             "source": "random",
@@ -255,13 +256,13 @@ def load_backbone(name: str = "smollm2-135m", options: dict[str, Any] | None = N
         return _finish(model, byte_tokenizer(), name, info)
     if name == "smollm2-135m":
         return _load_gguf(smollm2_gguf_path(), name)
+    if source == "hub":
+        return _load_pretrained(name, name, local=False, revision=options.get("revision"), dtype=dtype)
     path = Path(name).expanduser()
-    if _looks_like_path(name) or path.exists():
-        _check_path(path, name)
-        if path.is_file():
-            return _load_gguf(path.resolve(), name)
-        return _load_pretrained(str(path), name, local=True, revision=None, dtype=dtype)
-    return _load_pretrained(name, name, local=False, revision=options.get("revision"), dtype=dtype)
+    _check_path(path, name)
+    if path.is_file():
+        return _load_gguf(path.resolve(), name)
+    return _load_pretrained(str(path), name, local=True, revision=None, dtype=dtype)
 
 
 def backbone_source(name: str) -> str:

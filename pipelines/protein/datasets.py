@@ -136,6 +136,17 @@ def _own(options: DataOptions, level: str, issues: DataIssues) -> list[ProteinRe
     return read_fasta_records(path, options.on_invalid, issues, require_target=True)
 
 
+OWN_SUFFIXES = (".csv", ".tsv", ".fasta", ".fa")
+
+
+def own_file(dataset: str, path: str | None) -> str | None:
+    """The user's own data file: ``data.options.path``, else ``data.dataset`` written as a path (a '/' or
+    a data suffix); None for a registered FLIP dataset."""
+    if path:
+        return path
+    return dataset if "/" in dataset or dataset.endswith(OWN_SUFFIXES) else None
+
+
 def load_splits(
     dataset: str,
     options: DataOptions,
@@ -166,7 +177,7 @@ def load_splits(
     """
     issues = DataIssues()
     split_name, files, replaces = None, {}, None
-    if not options.path and ("/" in dataset or dataset.endswith((".csv", ".tsv", ".fasta", ".fa"))):
+    if not options.path and own_file(dataset, None):
         options = options.model_copy(update={"path": dataset})  # data.dataset names the user's own file
     if records is not None:
         source = "the given records"

@@ -17,12 +17,12 @@ from pydantic import BaseModel
 
 from pipelines.protein.backbones import FAIR_ESM_MODELS, RANDOM_PRESETS
 from pipelines.protein.datasets import DataOptions
+from pipelines.protein.datasets import own_file as datasets_own_file
 from pipelines.protein.flip import BIND_SPLITS, GB1_SPLITS
 from pipelines.protein.options import BackboneOptions, StageOptions
 
 __all__ = ["own_file", "unread_fields"]
 
-OWN_SUFFIXES = (".csv", ".tsv", ".fasta", ".fa")
 RANDOM_ONLY = ("seed", "num_layers", "embed_dim", "attention_heads")
 CSV_COLUMNS = ("sequence_column", "target_column", "split_column")
 RESIDUE_FILES = ("sequences_path", "label_classes")
@@ -37,12 +37,8 @@ def _given(options: dict[str, Any], model: type[BaseModel]) -> set[str]:
 
 
 def own_file(recipe: Any) -> str | None:
-    """The user's own data file (``data.options.path``, or ``data.dataset`` written as a path), as
-    :func:`pipelines.protein.datasets.load_splits` reads it; None for a FLIP dataset."""
-    path, dataset = recipe.data.options.get("path"), recipe.data.dataset
-    if not path and ("/" in dataset or dataset.endswith(OWN_SUFFIXES)):
-        path = dataset
-    return path or None
+    """The recipe's own data file as :func:`pipelines.protein.datasets.load_splits` reads it (None: FLIP)."""
+    return datasets_own_file(recipe.data.dataset, recipe.data.options.get("path"))
 
 
 def _backbone(recipe: Any) -> list[tuple[str, str]]:
